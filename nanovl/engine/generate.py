@@ -1,0 +1,159 @@
+"""Generation: prefill, then one decode step at a time, for a batch of prompts of different lengths.
+
+- `TokenGenerator` works on token ids only. Prompts are left-padded to one length; padding slots are
+  masked out of attention and rotary positions count from each row's first real token, so a padded row
+  computes what it would alone. Each iteration yields the new token of every row (None once a row is
+  finished); `stop(row)` ends a row early.
+- `stream` adds text: per-row incremental detokenizers, and stop strings cut exactly. Text that could
+  be the start of a stop string is held back until it is known not to be one.
+- `generate` collects `stream` into one `Completion` per prompt.
+- Too long is an error, never a silent truncation: a prompt that fills the context raises, and
+  generation ends with finish_reason "length" when the context is full.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from nanovl.engine.cache import KVCache
+from nanovl.engine.sampling import SamplingParams, apply_repetition_penalty, sample
+from nanovl.errors import RequestError
+from nanovl.models.layers import causal_mask
+
+
+class TokenGenerator:
+    def __init__(self, model, prompts: list[list[int]], params: SamplingParams, eos_ids=(), context_len=None):
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise RequestError("every prompt needs at least one token")
+        cfg = model.config
+        self.model, self.params = model, params
+        self.context_len = context_len or cfg.max_position_embeddings
+        longest = max(len(p) for p in prompts)
+        if longest >= self.context_len:
+            raise RequestError(
+                f"prompt is {longest} tokens, but the model's context is {self.context_len} tokens "
+                "(the prompt plus at least one new token must fit)"
+            )
+        for p in prompts:
+            bad = [t for t in p if not 0 <= t < cfg.vocab_size]
+            if bad:
+                raise RequestError(f"token id {bad[0]} is outside the vocabulary (size {cfg.vocab_size})")
+        self.prompts = prompts
+        self.eos_ids = set(eos_ids) | set(params.stop_token_ids)
+        self.max_new = min(params.max_new_tokens, self.context_len - longest)
+        self.finish_reason: list[str | None] = [None] * len(prompts)
+        self.output_ids: list[list[int]] = [[] for _ in prompts]
+
+    def stop(self, row: int, reason: str = "stop"):
+        if self.finish_reason[row] is None:
+            self.finish_reason[row] = reason
+
+    @torch.inference_mode()
+    def __iter__(self) -> Iterator[list[int | None]]:
+        model, p = self.model, self.params
+        device = model.lm_head.weight.device
+        B, L = len(self.prompts), max(len(x) for x in self.prompts)
+        pads = torch.tensor([L - len(x) for x in self.prompts], device=device)
+        padded = pads.any().item()
+        tokens = torch.zeros(B, L, dtype=torch.long, device=device)
+        for i, x in enumerate(self.prompts):
+            tokens[i, L - len(x) :] = torch.tensor(x, device=device)
+        total = L + self.max_new
+        cache = KVCache.for_model(model.config, B, total, model.lm_head.weight.dtype, device)
+        slots = torch.arange(total, device=device)
+        valid = slots[None, :] >= pads[:, None]  # (B, total): False on left padding
+        mask = None
+        if padded:  # causal and real keys only; a padding query sees itself so no row is all -inf
+            mask = (causal_mask(L, L, device) & valid[:, None, None, :L]) | torch.eye(
+                L, dtype=torch.bool, device=device
+            )
+        positions = (slots[None, :L] - pads[:, None]).clamp(min=0)  # (B, L)
+        logits = model(tokens, positions, cache, mask, last_only=True)[:, -1].float()  # (B, V)
+
+        seen = None
+        if p.repetition_penalty != 1.0:
+            seen = torch.zeros_like(logits, dtype=torch.bool)
+            for i, x in enumerate(self.prompts):
+                seen[i, torch.tensor(x, device=device)] = True
+        generator = None
+        if not p.greedy:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(p.seed if p.seed is not None else torch.seed())
+
+        for step in range(self.max_new):
+            if seen is not None:
+                logits = apply_repetition_penalty(logits, seen, p.repetition_penalty)
+            next_ids = sample(logits, p, generator)  # (B,)
+            out: list[int | None] = []
+            for i, t in enumerate(next_ids.tolist()):
+                if self.finish_reason[i] is not None:
+                    out.append(None)
+                    continue
+                self.output_ids[i].append(t)
+                out.append(t)
+                if t in self.eos_ids:
+                    self.finish_reason[i] = "stop"
+                elif step == self.max_new - 1:
+                    self.finish_reason[i] = "length"
+            yield out
+            if all(r is not None for r in self.finish_reason):
+                return
+            if seen is not None:
+                seen.scatter_(1, next_ids[:, None], True)
+            pos = L + step
+            mask = valid[:, None, None, : pos + 1] if padded else None  # (B, 1, 1, S)
+            logits = model(next_ids[:, None], (pos - pads)[:, None], cache, mask)[:, -1].float()
+
+
+@dataclass
+class Delta:
+    index: int  # which prompt of the batch
+    text: str
+    token_id: int | None
+    finish_reason: str | None = None  # "stop" | "length" on the row's last delta
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+
+
+def stream(model, tokenizer, prompts: list[list[int]], params: SamplingParams, context_len=None) -> Iterator[Delta]:
+    gen = TokenGenerator(model, prompts, params, tokenizer.eos_token_ids, context_len)
+    decoders = [tokenizer.decode_stream(skip_special_tokens=True) for _ in prompts]
+    held = [""] * len(prompts)  # text that may be the start of a stop string
+    keep = max((len(s) for s in params.stop), default=1) - 1
+    for tokens in gen:
+        for i, t in enumerate(tokens):
+            if t is None:
+                continue
+            held[i] += decoders[i].step(t)
+            if gen.finish_reason[i] is not None:
+                held[i] += decoders[i].finish()
+            cut = min((j for j in (held[i].find(s) for s in params.stop) if j >= 0), default=-1)
+            if cut >= 0:
+                gen.stop(i, "stop")
+                text, held[i] = held[i][:cut], ""
+            elif gen.finish_reason[i] is not None:
+                text, held[i] = held[i], ""
+            else:
+                split = max(len(held[i]) - keep, 0)
+                text, held[i] = held[i][:split], held[i][split:]
+            yield Delta(i, text, t, gen.finish_reason[i])
+
+
+def generate(model, tokenizer, prompts: list[list[int]], params: SamplingParams, context_len=None) -> list[Completion]:
+    texts = [""] * len(prompts)
+    ids: list[list[int]] = [[] for _ in prompts]
+    reasons = [""] * len(prompts)
+    for d in stream(model, tokenizer, prompts, params, context_len):
+        texts[d.index] += d.text
+        ids[d.index].append(d.token_id)
+        reasons[d.index] = d.finish_reason or ""
+    return [Completion(texts[i], ids[i], reasons[i], len(prompts[i])) for i in range(len(prompts))]

@@ -1,0 +1,18 @@
+"""User-facing errors.
+
+Every problem a user can cause (a bad folder, a bad file, a bad request) raises `NanovlError` with a
+one-line message that says what is wrong and, where it helps, what to do. The CLI prints the message
+and exits non-zero; the server (later) turns it into an HTTP error. Bugs stay ordinary exceptions.
+"""
+
+
+class NanovlError(Exception):
+    """A problem with the user's input: model folder, checkpoint files, prompt or request."""
+
+
+class CheckpointError(NanovlError):
+    """The checkpoint folder is missing, incomplete, corrupt or of an unsupported kind."""
+
+
+class RequestError(NanovlError):
+    """A generation request is invalid: sampling values, prompt length, stop strings."""

@@ -1,0 +1,204 @@
+"""Tiny random checkpoints in the exact Hugging Face layout, for tests and benchmarks (`nanovl make-tiny`).
+
+A folder holds config.json (release spelling: `rope_theta` + `rope_scaling`, `torch_dtype`),
+model.safetensors (or shards plus an index), tokenizer.json (a byte-level BPE trained here in
+milliseconds, with the family's special tokens), tokenizer_config.json with a chat template in the
+family's turn format, and generation_config.json. transformers loads these folders unchanged, which
+the tests check.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from nanovl.config import TextConfig
+from nanovl.models import TEXT_MODELS
+from nanovl.weights import save_weights
+
+# Sentences to train the tiny tokenizer on; accents, CJK and emoji give it multi-byte merges.
+CORPUS = [
+    "The invoice total is 1,234.56 EUR, due on 2024-07-26.",
+    "Receipt: 2 x coffee 3.50, 1 x croissant 2.20, total 9.20.",
+    "Name: Jane Doe | Date of birth: 12/03/1987 | City: Zürich",
+    "Quarterly revenue rose 12% to $4.2 billion; the chart shows Q1 to Q4.",
+    "Le café est très bon à Paris. Ñandú, façade, naïve, coöperate.",
+    "東京の天気は晴れです。請求書の合計金額。 emoji: 🎉📄✅",
+    "def add(a, b):\n    return a + b  # simple code\n",
+    "Question: what is the total? Answer: 42. The table has 3 rows and 4 columns.",
+]
+
+LLAMA_TEMPLATE = (
+    "{{- bos_token }}\n"
+    "{%- if messages and messages[0]['role'] == 'system' %}\n"
+    "    {%- set system_message = messages[0]['content'] | trim %}\n"
+    "    {%- set messages = messages[1:] %}\n"
+    "{%- else %}\n"
+    "    {%- set system_message = '' %}\n"
+    "{%- endif %}\n"
+    "{%- if system_message %}\n"
+    "    {{- '<|start_header_id|>system<|end_header_id|>\\n\\n' + system_message + '<|eot_id|>' }}\n"
+    "{%- endif %}\n"
+    "{%- for message in messages %}\n"
+    "    {%- if message['role'] not in ['user', 'assistant'] %}\n"
+    "        {{- raise_exception('after an optional system message, roles must be user or assistant') }}\n"
+    "    {%- endif %}\n"
+    "    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}\n"
+    "    {{- message['content'] | trim + '<|eot_id|>' }}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n"
+    "    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}\n"
+    "{%- endif %}\n"
+)
+
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}\n"
+    "    {%- if loop.first and message['role'] != 'system' %}\n"
+    "        {{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}\n"
+    "    {%- endif %}\n"
+    "    {{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n"
+    "    {{- '<|im_start|>assistant\\n' }}\n"
+    "{%- endif %}\n"
+)
+
+FAMILIES = {
+    "llama": {
+        "architecture": "LlamaForCausalLM",
+        "model_type": "llama",
+        "specials": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        "bos": "<|begin_of_text|>",
+        "eos": "<|eot_id|>",
+        "stop": ["<|end_of_text|>", "<|eot_id|>"],
+        "template": LLAMA_TEMPLATE,
+        "config": {
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 500000.0,
+            # Llama-3.1's scaling, with a small original context so tests reach positions past it.
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+            "max_position_embeddings": 512,
+            "attention_bias": False,
+            "mlp_bias": False,
+        },
+    },
+    "qwen2": {
+        "architecture": "Qwen2ForCausalLM",
+        "model_type": "qwen2",
+        "specials": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        "bos": None,
+        "eos": "<|im_end|>",
+        "stop": ["<|im_end|>", "<|endoftext|>"],
+        "template": CHATML_TEMPLATE,
+        "config": {
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 1000000.0,
+            "rope_scaling": None,
+            "max_position_embeddings": 512,
+            "use_sliding_window": False,
+            "sliding_window": None,
+        },
+    },
+}
+
+TINY_SIZE = {
+    "hidden_size": 64,
+    "intermediate_size": 160,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "tie_word_embeddings": False,
+}
+
+
+def train_tokenizer(specials: list[str], bos: str | None, vocab_size: int = 512):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tk.train_from_iterator(CORPUS * 4, trainer)
+    if bos is not None:  # Llama-3 style: BOS added to raw prompts by the post-processor
+        tk.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tk.token_to_id(bos))]
+        )
+    return tk
+
+
+def write_checkpoint(
+    family: str,
+    out_dir: str | Path,
+    size: dict | None = None,
+    dtype: str = "float32",
+    seed: int = 0,
+    max_shard_bytes: int | None = None,
+    vocab_size: int | None = None,
+) -> Path:
+    """Write a random checkpoint of `family` ("llama" | "qwen2"). `size` overrides TINY_SIZE fields."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
+    fam = FAMILIES[family]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tk = train_tokenizer(fam["specials"], fam["bos"])
+    tk.save(str(out / "tokenizer.json"))
+    ids = {t: tk.token_to_id(t) for t in fam["specials"]}
+    stop_ids = [ids[t] for t in fam["stop"]]
+
+    hf = {
+        "architectures": [fam["architecture"]],
+        "model_type": fam["model_type"],
+        "vocab_size": vocab_size or tk.get_vocab_size(),
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+        **TINY_SIZE,
+        **(size or {}),
+        **fam["config"],
+        "bos_token_id": ids[fam["bos"]] if fam["bos"] else None,
+        "eos_token_id": stop_ids if family == "llama" else ids[fam["eos"]],
+        "torch_dtype": dtype,
+    }
+    hf["head_dim"] = hf["hidden_size"] // hf["num_attention_heads"]
+    (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    (out / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": hf["bos_token_id"], "eos_token_id": stop_ids}, indent=2) + "\n"
+    )
+    tok_cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": fam["bos"],
+        "eos_token": fam["eos"],
+        "pad_token": fam["specials"][1] if family == "llama" else fam["specials"][0],
+        "model_max_length": hf["max_position_embeddings"],
+        "clean_up_tokenization_spaces": False,
+        "chat_template": fam["template"],
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
+
+    cfg = TextConfig.from_hf(hf, fam["architecture"])
+    with torch.device("meta"):  # shapes only; the values are drawn below, one tensor at a time
+        model = TEXT_MODELS[fam["architecture"]](cfg)
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        t = torch.randn(t.shape, generator=gen)
+        # RMSNorm weights near 1 so activations stay in range; everything else N(0, 0.02) like HF's init
+        t = 1.0 + 0.1 * t if name.endswith("norm.weight") else 0.02 * t
+        state[name] = t.to(getattr(torch, dtype))
+    save_weights(state, out, max_shard_bytes)
+    return out
