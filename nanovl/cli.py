@@ -36,6 +36,13 @@ def sampling_kwargs(args) -> dict:
     )
 
 
+def check_sampling_args(args):
+    """Validate what the user typed before spending time on loading the model."""
+    from nanovl.engine import SamplingParams
+
+    SamplingParams(**{k: v for k, v in sampling_kwargs(args).items() if v is not None})
+
+
 def stream_to_stdout(model, ids: list[int], args) -> str:
     """Stream one completion to stdout; return its text."""
     from nanovl.engine import stream
@@ -64,6 +71,7 @@ def stream_to_stdout(model, ids: list[int], args) -> str:
 def cmd_generate(args):
     import nanovl
 
+    check_sampling_args(args)
     model = nanovl.load(args.model, args.dtype)
     stream_to_stdout(model, model.tokenizer.encode(args.prompt), args)
 
@@ -71,6 +79,7 @@ def cmd_generate(args):
 def cmd_chat(args):
     import nanovl
 
+    check_sampling_args(args)
     model = nanovl.load(args.model, args.dtype)
     model.tokenizer.apply_chat_template([{"role": "user", "content": "x"}])  # fail early without a template
     system = [{"role": "system", "content": args.system}] if args.system else []

@@ -65,6 +65,13 @@ CHATML_TEMPLATE = (
     "{%- endif %}\n"
 )
 
+# Pre-tokenizer split patterns of the released tokenizers (tiktoken-style; Llama-3 groups up to three
+# digits, Qwen2 splits every digit, and Qwen2 NFC-normalises first).
+LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"  # noqa: E501
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
 FAMILIES = {
     "llama": {
         "architecture": "LlamaForCausalLM",
@@ -74,6 +81,8 @@ FAMILIES = {
         "eos": "<|eot_id|>",
         "stop": ["<|end_of_text|>", "<|eot_id|>"],
         "template": LLAMA_TEMPLATE,
+        "split": LLAMA3_SPLIT,
+        "nfc": False,
         "config": {
             "rms_norm_eps": 1e-5,
             "rope_theta": 500000.0,
@@ -98,6 +107,8 @@ FAMILIES = {
         "eos": "<|im_end|>",
         "stop": ["<|im_end|>", "<|endoftext|>"],
         "template": CHATML_TEMPLATE,
+        "split": QWEN2_SPLIT,
+        "nfc": True,
         "config": {
             "rms_norm_eps": 1e-6,
             "rope_theta": 1000000.0,
@@ -119,11 +130,21 @@ TINY_SIZE = {
 }
 
 
-def train_tokenizer(specials: list[str], bos: str | None, vocab_size: int = 512):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+def train_tokenizer(
+    specials: list[str], bos: str | None, split: str, nfc: bool = False, vocab_size: int = 512, corpus=None
+):
+    """A byte-level BPE with the released tokenizers' pipeline: regex split, then bytes to symbols."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
     tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if nfc:
+        tk.normalizer = normalizers.NFC()
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tk.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -131,7 +152,7 @@ def train_tokenizer(specials: list[str], bos: str | None, vocab_size: int = 512)
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tk.train_from_iterator(CORPUS * 4, trainer)
+    tk.train_from_iterator(corpus or CORPUS * 4, trainer)
     if bos is not None:  # Llama-3 style: BOS added to raw prompts by the post-processor
         tk.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tk.token_to_id(bos))]
@@ -154,7 +175,7 @@ def write_checkpoint(
     fam = FAMILIES[family]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tk = train_tokenizer(fam["specials"], fam["bos"])
+    tk = train_tokenizer(fam["specials"], fam["bos"], fam["split"], fam["nfc"])
     tk.save(str(out / "tokenizer.json"))
     ids = {t: tk.token_to_id(t) for t in fam["specials"]}
     stop_ids = [ids[t] for t in fam["stop"]]

@@ -46,6 +46,7 @@ class TokenGenerator:
         self.max_new = min(params.max_new_tokens, self.context_len - longest)
         self.finish_reason: list[str | None] = [None] * len(prompts)
         self.output_ids: list[list[int]] = [[] for _ in prompts]
+        self.logits: torch.Tensor | None = None  # (B, V) float32 model logits behind the last yielded tokens
 
     def stop(self, row: int, reason: str = "stop"):
         if self.finish_reason[row] is None:
@@ -84,6 +85,7 @@ class TokenGenerator:
             generator.manual_seed(p.seed if p.seed is not None else torch.seed())
 
         for step in range(self.max_new):
+            self.logits = logits
             if seen is not None:
                 logits = apply_repetition_penalty(logits, seen, p.repetition_penalty)
             next_ids = sample(logits, p, generator)  # (B,)

@@ -1,0 +1,26 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from nanovl.tiny import write_checkpoint  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    return write_checkpoint("llama", tmp_path_factory.mktemp("tiny-llama"), seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory):
+    return write_checkpoint("qwen2", tmp_path_factory.mktemp("tiny-qwen2"), seed=2)
+
+
+@pytest.fixture(params=["llama", "qwen2"])
+def tiny_ckpt(request, tiny_llama, tiny_qwen2):
+    return {"llama": tiny_llama, "qwen2": tiny_qwen2}[request.param]
