@@ -18,6 +18,7 @@ from nanovl.config import TextConfig, load_config, read_json
 from nanovl.engine import Completion, SamplingParams, generate, stream
 from nanovl.errors import RequestError
 from nanovl.models import text_model_class
+from nanovl.models.packed import pack_linears, packing_supported
 from nanovl.tokenizer import Tokenizer
 from nanovl.weights import load_weights
 
@@ -32,15 +33,22 @@ def resolve_dtype(name: str | None, checkpoint_dtype: str) -> torch.dtype:
     return torch.bfloat16 if name == "float16" else DTYPES[name]
 
 
-def load_text_model(model_dir: str | Path, dtype: str | None = None):
-    """Build the language model of a checkpoint on `meta` and fill it from its safetensors."""
+def load_text_model(model_dir: str | Path, dtype: str | None = None, pack: bool = False):
+    """Build the language model of a checkpoint on `meta` and fill it from its safetensors.
+
+    pack: swap bf16 Linear layers for oneDNN-prepacked ones (CPU inference only; models/packed.py).
+    """
     ckpt = load_config(model_dir)
     cls = text_model_class(ckpt)
     with torch.device("meta"):
         model = cls(ckpt.text)
     optional = {"lm_head.weight"} if ckpt.text.tie_word_embeddings else set()
-    load_weights(model, model_dir, ckpt.text_prefix, resolve_dtype(dtype, ckpt.text.dtype), optional)
-    return model.eval(), ckpt
+    torch_dtype = resolve_dtype(dtype, ckpt.text.dtype)
+    load_weights(model, model_dir, ckpt.text_prefix, torch_dtype, optional)
+    model.eval().requires_grad_(False)
+    if pack and packing_supported(torch_dtype, model.device):
+        pack_linears(model)
+    return model, ckpt
 
 
 def generation_defaults(model_dir: str | Path) -> dict:
@@ -56,7 +64,7 @@ def generation_defaults(model_dir: str | Path) -> dict:
 class TextModel:
     def __init__(self, model_dir: str | Path, dtype: str | None = None):
         self.path = Path(model_dir)
-        self.model, ckpt = load_text_model(model_dir, dtype)
+        self.model, ckpt = load_text_model(model_dir, dtype, pack=True)
         self.config: TextConfig = ckpt.text
         self.tokenizer = Tokenizer(model_dir, ckpt.text.eos_token_ids)
         self.defaults = generation_defaults(model_dir)

@@ -131,3 +131,20 @@ def test_sampling_rules():
     seen = torch.tensor([[True, False, False, True, False]])
     pen = apply_repetition_penalty(logits, seen, 2.0)
     assert pen.tolist() == [[1.0, 1.0, 0.5, -2.0, -3.0]]
+
+
+def test_packed_bf16_linears_match_plain(tiny_llama):
+    from nanovl.models.packed import PackedLinear, packing_supported
+
+    if not packing_supported(torch.bfloat16, torch.device("cpu")):
+        pytest.skip("this CPU has no oneDNN bf16 support")
+    plain, _ = load_text_model(tiny_llama, dtype="bfloat16")
+    packed, _ = load_text_model(tiny_llama, dtype="bfloat16", pack=True)
+    assert isinstance(packed.lm_head, PackedLinear) and isinstance(packed.model.layers[0].mlp.up_proj, PackedLinear)
+    ids = torch.randint(0, plain.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = plain(ids).float(), packed(ids).float()
+    assert (a - b).abs().max().item() <= 1e-2 * a.abs().max().item()
+    prompt = ids[0, :10].tolist()
+    greedy = lambda m: [t[0] for t in TokenGenerator(m, [prompt], SamplingParams(max_new_tokens=16))]  # noqa: E731
+    assert greedy(plain) == greedy(packed)

@@ -55,7 +55,7 @@ class TokenGenerator:
     @torch.inference_mode()
     def __iter__(self) -> Iterator[list[int | None]]:
         model, p = self.model, self.params
-        device = model.lm_head.weight.device
+        device = model.device
         B, L = len(self.prompts), max(len(x) for x in self.prompts)
         pads = torch.tensor([L - len(x) for x in self.prompts], device=device)
         padded = pads.any().item()
@@ -63,7 +63,7 @@ class TokenGenerator:
         for i, x in enumerate(self.prompts):
             tokens[i, L - len(x) :] = torch.tensor(x, device=device)
         total = L + self.max_new
-        cache = KVCache.for_model(model.config, B, total, model.lm_head.weight.dtype, device)
+        cache = KVCache.for_model(model.config, B, total, model.dtype, device)
         slots = torch.arange(total, device=device)
         valid = slots[None, :] >= pads[:, None]  # (B, total): False on left padding
         mask = None
