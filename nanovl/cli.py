@@ -72,8 +72,9 @@ def cmd_generate(args):
     import nanovl
 
     check_sampling_args(args)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     model = nanovl.load(args.model, args.dtype)
-    stream_to_stdout(model, model.tokenizer.encode(args.prompt), args)
+    stream_to_stdout(model, model.tokenizer.encode(prompt), args)
 
 
 def cmd_chat(args):
@@ -107,6 +108,10 @@ def cmd_chat(args):
             print(f"nanovl: error: {e}", file=sys.stderr)
             history.pop()
             continue
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the session
+            print("\n[interrupted]", file=sys.stderr)
+            history.pop()
+            continue
         history.append({"role": "assistant", "content": reply})
 
 
@@ -126,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="continue a raw prompt (no chat template), streaming to stdout")
     p.add_argument("--model", required=True, help="checkpoint folder (Hugging Face layout)")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, help="the text to continue; - reads it from stdin")
     add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
 
