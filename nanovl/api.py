@@ -1,28 +1,38 @@
-"""The Python API: load a checkpoint folder and generate from it.
+"""The Python API: load a checkpoint folder; generate from text, or ask about documents.
 
 import nanovl
-m = nanovl.load("path/to/checkpoint")
-m.generate("The capital of France is", max_new_tokens=8).text
-m.chat([{"role": "user", "content": "Hi"}]).text
-for piece in m.stream("Once upon a time"): print(piece, end="")
+m = nanovl.load("path/to/Llama-3.1-Nemotron-Nano-VL-8B-V1")
+print(m.ask("invoice.pdf", "What is the total?").text)
+for piece in m.stream(["page1.png", "page2.png"], "Compare the totals."): print(piece, end="")
+
+t = nanovl.load("path/to/a-text-model")
+t.generate("The capital of France is", max_new_tokens=8).text
+t.chat([{"role": "user", "content": "Hi"}]).text
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from nanovl.config import TextConfig, load_config, read_json
 from nanovl.engine import Completion, SamplingParams, generate, stream
-from nanovl.errors import RequestError
+from nanovl.errors import CheckpointError, RequestError
+from nanovl.media import DEFAULT_DPI, MAX_PIXELS, load_document
 from nanovl.models import text_model_class
 from nanovl.models.packed import pack_linears, packing_supported
+from nanovl.models.vlm import VLMS, merge_embeddings
+from nanovl.prompts import expand_images, image_question
+from nanovl.tiling import TilePlan, make_tiles, plan_tiles
 from nanovl.tokenizer import Tokenizer
-from nanovl.weights import load_weights
+from nanovl.weights import checkpoint_index, load_weights, tensor_shapes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ENCODE_CHUNK = 8  # tiles per vision-encoder forward: bounds activation memory
 
 
 def resolve_dtype(name: str | None, checkpoint_dtype: str) -> torch.dtype:
@@ -42,13 +52,36 @@ def load_text_model(model_dir: str | Path, dtype: str | None = None, pack: bool 
     cls = text_model_class(ckpt)
     with torch.device("meta"):
         model = cls(ckpt.text)
-    optional = {"lm_head.weight"} if ckpt.text.tie_word_embeddings else set()
+    optional = {"lm_head.weight": None} if ckpt.text.tie_word_embeddings else {}
     torch_dtype = resolve_dtype(dtype, ckpt.text.dtype)
     load_weights(model, model_dir, ckpt.text_prefix, torch_dtype, optional)
     model.eval().requires_grad_(False)
     if pack and packing_supported(torch_dtype, model.device):
         pack_linears(model)
     return model, ckpt
+
+
+def load_vlm(model_dir: str | Path, dtype: str | None = None, pack: bool = False):
+    """Build a whole vision-language checkpoint (encoder, projector, LLM) and load it strictly."""
+    ckpt = load_config(model_dir)
+    cls = VLMS.get(ckpt.architecture)
+    if cls is None:
+        raise CheckpointError(f"{ckpt.architecture} is not a vision-language architecture ({', '.join(VLMS)})")
+    index = checkpoint_index(model_dir)
+    cfg = cls.from_checkpoint(ckpt.raw, ckpt.text, tensor_shapes(index), preprocessor_config(model_dir))
+    with torch.device("meta"):
+        vlm = cls(cfg)
+    torch_dtype = resolve_dtype(dtype, ckpt.text.dtype)
+    load_weights(vlm, model_dir, "", torch_dtype, vlm.optional_weights(), cls.unused_weights, index)
+    vlm.eval().requires_grad_(False)
+    if pack and packing_supported(torch_dtype, vlm.language_model.device):
+        pack_linears(vlm.language_model)
+    return vlm, ckpt
+
+
+def preprocessor_config(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / "preprocessor_config.json"
+    return read_json(path) if path.is_file() else {}
 
 
 def generation_defaults(model_dir: str | Path) -> dict:
@@ -62,12 +95,16 @@ def generation_defaults(model_dir: str | Path) -> dict:
 
 
 class TextModel:
-    def __init__(self, model_dir: str | Path, dtype: str | None = None):
-        self.path = Path(model_dir)
-        self.model, ckpt = load_text_model(model_dir, dtype, pack=True)
-        self.config: TextConfig = ckpt.text
-        self.tokenizer = Tokenizer(model_dir, ckpt.text.eos_token_ids)
-        self.defaults = generation_defaults(model_dir)
+    """A language model and its tokenizer: raw continuation, chat, batches."""
+
+    def __init__(self, model, tokenizer: Tokenizer, config: TextConfig, path: Path):
+        self.model, self.tokenizer, self.config, self.path = model, tokenizer, config, path
+        self.defaults = generation_defaults(path)
+
+    @classmethod
+    def load(cls, model_dir: str | Path, dtype: str | None = None) -> TextModel:
+        model, ckpt = load_text_model(model_dir, dtype, pack=True)
+        return cls(model, Tokenizer(model_dir, ckpt.text.eos_token_ids), ckpt.text, Path(model_dir))
 
     def params(self, **kw) -> SamplingParams:
         return SamplingParams(**{**self.defaults, **{k: v for k, v in kw.items() if v is not None}})
@@ -91,5 +128,100 @@ class TextModel:
         return generate(self.model, self.tokenizer, [ids], self.params(**sampling))[0]
 
 
-def load(model_dir: str | Path, dtype: str | None = None) -> TextModel:
-    return TextModel(model_dir, dtype)
+@dataclass
+class ImagePrompt:
+    """A question about documents, ready for the engine."""
+
+    ids: list[int]
+    embeds: torch.Tensor  # (len(ids), hidden): text embeddings with the image embeddings merged in
+    plans: list[TilePlan]  # one per image (page), in prompt order
+    features: torch.Tensor  # (tiles, tokens, hidden) post-projector image embeddings
+
+
+class VisionLanguageModel(TextModel):
+    """A vision-language checkpoint: `ask` / `stream` about images and PDFs; text-only methods too."""
+
+    def __init__(self, vlm, tokenizer: Tokenizer, path: Path):
+        super().__init__(vlm.language_model, tokenizer, vlm.config.text, path)
+        self.vlm = vlm
+        self.tiles = vlm.config.tiles
+        self.context_id = tokenizer.token_to_id(vlm.context_token)
+        if self.context_id is None:
+            raise CheckpointError(f"the tokenizer has no {vlm.context_token} token, which the image embeddings replace")
+
+    @classmethod
+    def load(cls, model_dir: str | Path, dtype: str | None = None) -> VisionLanguageModel:
+        vlm, ckpt = load_vlm(model_dir, dtype, pack=True)
+        return cls(vlm, Tokenizer(model_dir, ckpt.text.eos_token_ids), Path(model_dir))
+
+    def load_images(self, inputs, pages: str | None = None, dpi: float = DEFAULT_DPI, max_pixels: int = MAX_PIXELS):
+        """Paths, bytes, data: URLs or PIL images (one or a list) -> RGB images, one per page."""
+        if not isinstance(inputs, (list, tuple)):
+            inputs = [inputs]
+        return [im for src in inputs for im in load_document(src, pages, dpi, max_pixels)]
+
+    def prepare(
+        self, images, question: str, max_tiles: int | None = None, system: str | None = None, reserve: int = 0
+    ) -> ImagePrompt:
+        """Tile, encode and merge. Without `max_tiles`, the per-image tile budget shrinks (with a note on
+        stderr) until the prompt plus `reserve` new tokens fits the context; an explicit budget never
+        changes, and a prompt that cannot fit is an error that gives the token counts."""
+        if not images:
+            raise RequestError("no images: give at least one image or PDF page")
+        context = self.config.max_position_embeddings
+        budget = self.tiles.max_tiles if max_tiles is None else max_tiles
+        if budget < self.tiles.min_tiles:
+            raise RequestError(f"max tiles must be at least {self.tiles.min_tiles}")
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": image_question(question, len(images))}
+        ]
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        while True:
+            plans = [plan_tiles(self.tiles, *im.size, max_tiles=budget) for im in images]
+            ids = self.tokenizer.encode(expand_images(text, [self.vlm.image_text(p) for p in plans]), False)
+            if len(ids) + max(reserve, 1) <= context:
+                break
+            image_tokens = sum(p.image_tokens for p in plans)
+            if max_tiles is not None or budget <= self.tiles.min_tiles:
+                raise RequestError(
+                    f"{len(images)} image(s) take {image_tokens} tokens at up to {budget} tiles each; with the "
+                    f"text that is {len(ids)} prompt tokens (+{reserve} to generate), over the context of {context}"
+                )
+            budget -= 1
+        if max_tiles is None and budget < self.tiles.max_tiles:
+            print(
+                f"nanovl: note: up to {budget} tiles per image to fit {len(images)} images in the context",
+                file=sys.stderr,
+            )
+
+        pixels = torch.cat([make_tiles(im, self.tiles, p) for im, p in zip(images, plans)])
+        features = self.encode_tiles(pixels)
+        ids_t = torch.tensor(ids)
+        with torch.inference_mode():
+            text_embeds = self.model.embed(ids_t[None])[0]
+            embeds = merge_embeddings(text_embeds, ids_t, self.context_id, features.flatten(0, 1))
+        return ImagePrompt(ids, embeds, plans, features)
+
+    @torch.inference_mode()
+    def encode_tiles(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(tiles, 3, S, S) -> post-projector embeddings (tiles, tokens, hidden), a chunk at a time."""
+        return torch.cat([self.vlm.encode_images(chunk) for chunk in pixels.split(ENCODE_CHUNK)])
+
+    def stream(self, inputs, question: str, pages=None, max_tiles=None, dpi=DEFAULT_DPI, system=None, **sampling):
+        params = self.params(**sampling)
+        prompt = self.prepare(self.load_images(inputs, pages, dpi), question, max_tiles, system, params.max_new_tokens)
+        for d in stream(self.model, self.tokenizer, [prompt.ids], params, embeds=[prompt.embeds]):
+            if d.text:
+                yield d.text
+
+    def ask(self, inputs, question: str, pages=None, max_tiles=None, dpi=DEFAULT_DPI, system=None, **sampling):
+        params = self.params(**sampling)
+        prompt = self.prepare(self.load_images(inputs, pages, dpi), question, max_tiles, system, params.max_new_tokens)
+        return generate(self.model, self.tokenizer, [prompt.ids], params, embeds=[prompt.embeds])[0]
+
+
+def load(model_dir: str | Path, dtype: str | None = None) -> TextModel | VisionLanguageModel:
+    """A checkpoint folder -> a VisionLanguageModel for VLM architectures, else a TextModel."""
+    arch = load_config(model_dir).architecture
+    cls = VisionLanguageModel if arch in VLMS else TextModel
+    return cls.load(model_dir, dtype)

@@ -160,6 +160,81 @@ def train_tokenizer(
     return tk
 
 
+# Vision-language families: a text family, the tokens the release adds, and the top-level config.
+VLM_FAMILIES = {
+    "nemotron-nano-vl-v1": {
+        "text": "llama",
+        # Llama-3.1-Nemotron-Nano-VL-8B-V1 appends these after Llama-3.1's vocabulary, <image> first
+        "added": ["<image>", "<img>", "</img>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"],
+        "config": {
+            "architectures": ["Llama_Nemotron_Nano_VL"],
+            "model_type": "Llama_Nemotron_Nano_VL",
+            "force_image_size": 512,
+            "downsample_ratio": 0.5,
+            "ps_version": "v2",
+            "image_tag_type": "internvl",
+            "template": "llama3-chat",
+            "vit_hidden_size": 32,
+            "projector_hidden_size": 64,
+            "vision_config": {
+                "architectures": ["RADIOModel"],
+                "model_type": "radio",
+                "patch_size": 16,
+                "max_resolution": 2048,
+                "preferred_resolution": [512, 512],
+                "args": {
+                    "model": "vit_tiny_nanovl",  # not a timm name: the explicit sizes below apply
+                    "cpe_max_size": 2048,
+                    "register_multiple": 8,
+                    "cls_token_per_teacher": True,
+                    "teachers": [{"name": "clip"}, {"name": "siglip"}, {"name": "dino_v2"}, {"name": "sam"}],
+                },
+                "hidden_size": 32,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "intermediate_size": 128,
+            },
+        },
+        "preprocessor": {"image_size": 512, "max_num_tiles": 12, "use_thumbnail": True},
+    },
+    "nvlm-d": {
+        "text": "qwen2",
+        "added": ["<|vision_pad|>"],  # <Image>, <tile_k> are plain text in NVLM's tokenizer
+        "config": {
+            "architectures": ["NVLM_D"],
+            "model_type": "NVLM_D",
+            "force_image_size": 448,
+            "downsample_ratio": 0.5,
+            "ps_version": "v2",
+            "select_layer": -1,
+            "template": "chatml",
+            "dynamic_image_size": True,
+            "use_thumbnail": True,
+            "min_dynamic_patch": 1,
+            "max_dynamic_patch": 6,
+            "vision_config": {
+                "architectures": ["InternVisionModel"],
+                "model_type": "intern_vit_6b",
+                "hidden_size": 32,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "intermediate_size": 128,
+                "image_size": 448,
+                "patch_size": 14,
+                "norm_type": "rms_norm",
+                "qk_normalization": True,
+                "qkv_bias": False,
+                "layer_norm_eps": 1e-6,
+                "hidden_act": "gelu",
+                "initializer_factor": 0.1,
+            },
+        },
+    },
+}
+ALL_FAMILIES = [*FAMILIES, *VLM_FAMILIES]
+VLM_CONTEXT = 16384  # the 8B's context: room for many tiles
+
+
 def write_checkpoint(
     family: str,
     out_dir: str | Path,
@@ -169,18 +244,20 @@ def write_checkpoint(
     max_shard_bytes: int | None = None,
     vocab_size: int | None = None,
 ) -> Path:
-    """Write a random checkpoint of `family` ("llama" | "qwen2"). `size` overrides TINY_SIZE fields."""
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
-    fam = FAMILIES[family]
+    """Write a random checkpoint of `family` (one of ALL_FAMILIES). `size` overrides TINY_SIZE fields."""
+    if family not in ALL_FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose from {', '.join(ALL_FAMILIES)}")
+    vlm = VLM_FAMILIES.get(family)
+    text_family = vlm["text"] if vlm else family
+    fam = FAMILIES[text_family]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tk = train_tokenizer(fam["specials"], fam["bos"], fam["split"], fam["nfc"])
+    tk = train_tokenizer(fam["specials"] + (vlm["added"] if vlm else []), fam["bos"], fam["split"], fam["nfc"])
     tk.save(str(out / "tokenizer.json"))
     ids = {t: tk.token_to_id(t) for t in fam["specials"]}
     stop_ids = [ids[t] for t in fam["stop"]]
 
-    hf = {
+    text = {
         "architectures": [fam["architecture"]],
         "model_type": fam["model_type"],
         "vocab_size": vocab_size or tk.get_vocab_size(),
@@ -190,36 +267,79 @@ def write_checkpoint(
         **(size or {}),
         **fam["config"],
         "bos_token_id": ids[fam["bos"]] if fam["bos"] else None,
-        "eos_token_id": stop_ids if family == "llama" else ids[fam["eos"]],
+        "eos_token_id": stop_ids if text_family == "llama" else ids[fam["eos"]],
         "torch_dtype": dtype,
     }
-    hf["head_dim"] = hf["hidden_size"] // hf["num_attention_heads"]
+    text["head_dim"] = text["hidden_size"] // text["num_attention_heads"]
+    if vlm:
+        text["max_position_embeddings"] = VLM_CONTEXT
+        if family == "nvlm-d":
+            text["model_type"] = "llama"  # as in NVLM-D-72B's llm_config: Qwen2 layers, "llama" type
+        hf = {**vlm["config"], "llm_config": text, "torch_dtype": dtype}
+        if "preprocessor" in vlm:
+            (out / "preprocessor_config.json").write_text(json.dumps(vlm["preprocessor"], indent=2) + "\n")
+    else:
+        hf = text
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     (out / "generation_config.json").write_text(
-        json.dumps({"bos_token_id": hf["bos_token_id"], "eos_token_id": stop_ids}, indent=2) + "\n"
+        json.dumps({"bos_token_id": text["bos_token_id"], "eos_token_id": stop_ids}, indent=2) + "\n"
     )
     tok_cfg = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": fam["bos"],
         "eos_token": fam["eos"],
-        "pad_token": fam["specials"][1] if family == "llama" else fam["specials"][0],
-        "model_max_length": hf["max_position_embeddings"],
+        "pad_token": fam["specials"][1] if text_family == "llama" else fam["specials"][0],
+        "model_max_length": text["max_position_embeddings"],
         "clean_up_tokenization_spaces": False,
         "chat_template": fam["template"],
     }
     (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
+    model = _meta_model(out, hf, fam["architecture"])
+    save_weights(random_state(model, seed, getattr(torch, dtype)), out, max_shard_bytes)
+    return out
 
-    cfg = TextConfig.from_hf(hf, fam["architecture"])
-    with torch.device("meta"):  # shapes only; the values are drawn below, one tensor at a time
-        model = TEXT_MODELS[fam["architecture"]](cfg)
+
+def _meta_model(out: Path, hf: dict, text_arch: str):
+    """The model whose shapes the checkpoint needs, on meta (a VLM reads some sizes from tensor shapes,
+    which are given here from the config)."""
+    text_cfg = TextConfig.from_hf(hf.get("llm_config", hf), text_arch)
+    with torch.device("meta"):
+        if "llm_config" not in hf:
+            return TEXT_MODELS[text_arch](text_cfg)
+        from nanovl.models.vlm import VLMS
+
+        cls = VLMS[hf["architectures"][0]]
+        v = hf["vision_config"]
+        shapes = {"mlp1.1.weight": (hf.get("projector_hidden_size") or text_cfg.intermediate_size, 0)}
+        if cls.vision_prefix.startswith("vision_model.radio_model"):
+            pg = cls.vision_prefix + "model.patch_generator."
+            grid = v["args"]["cpe_max_size"] // v["patch_size"]
+            shapes[pg + "cls_token.token"] = (8, v["hidden_size"])  # 4 CLS + 4 registers, as C-RADIOv2-H
+            shapes[pg + "pos_embed"] = (1, grid * grid, v["hidden_size"])
+        pre = (
+            json.loads((out / "preprocessor_config.json").read_text())
+            if (out / "preprocessor_config.json").is_file()
+            else {}
+        )
+        return cls(cls.from_checkpoint(hf, text_cfg, shapes, pre))
+
+
+def random_state(model, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """N(0, 0.02) weights like HF's init; norm weights and layer scales near 1 so activations stay in
+    range; buffers take the model's documented defaults (RADIO's CLIP constants)."""
     gen = torch.Generator().manual_seed(seed)
+    defaults = model.optional_weights() if hasattr(model, "optional_weights") else {}
+    kept = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
     state = {}
     for name, t in model.state_dict().items():
-        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+        if name not in kept:  # the second name of a tied weight
             continue
-        t = torch.randn(t.shape, generator=gen)
-        # RMSNorm weights near 1 so activations stay in range; everything else N(0, 0.02) like HF's init
-        t = 1.0 + 0.1 * t if name.endswith("norm.weight") else 0.02 * t
-        state[name] = t.to(getattr(torch, dtype))
-    save_weights(state, out, max_shard_bytes)
-    return out
+        if defaults.get(name) is not None:
+            state[name] = defaults[name]
+            continue
+        r = torch.randn(t.shape, generator=gen)
+        near_one = name.endswith(("norm.weight", "norm1.weight", "norm2.weight", ".ls1", ".ls2", "mlp1.0.weight"))
+        state[name] = (1.0 + 0.1 * r if near_one else 0.02 * r).to(dtype)
+    if "vision_model.radio_model.input_conditioner.norm_mean" in state:  # the release carries it, unused
+        state["vision_model.radio_model.summary_idxs"] = torch.tensor([0, 1, 2])
+    return state

@@ -63,23 +63,39 @@ def _open(path: Path):
         raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
 
 
+def tensor_shapes(index: dict[str, Path]) -> dict[str, tuple[int, ...]]:
+    """Shapes of every tensor, read from the safetensors headers (no tensor data is read)."""
+    shapes = {}
+    for path in set(index.values()):
+        f = _open(path)
+        for key in f.keys():
+            shapes[key] = tuple(f.get_slice(key).get_shape())
+    return shapes
+
+
 def load_weights(
     model: nn.Module,
     model_dir: str | Path,
     prefix: str = "",
     dtype: torch.dtype | None = None,
-    optional: set[str] = frozenset(),
+    optional: dict[str, torch.Tensor | None] | None = None,
+    unused: tuple[str, ...] = (),
     index: dict[str, Path] | None = None,
 ) -> None:
     """Fill `model` (built on meta) from the checkpoint's tensors named `prefix + name`.
 
-    optional: model names that may be absent (a tied lm_head). Floating tensors are cast to `dtype`.
+    optional: model names the checkpoint may omit -> the value to use then (None: filled by
+    `model.tie_weights()`, e.g. a tied lm_head). unused: regexes of checkpoint keys that are known and
+    deliberately not loaded. Parameters are cast to `dtype`; buffers keep the checkpoint's dtype.
     """
     index = checkpoint_index(model_dir) if index is None else index
+    optional = optional or {}
+    skip = re.compile("|".join((IGNORED_KEYS.pattern, *unused)))
     expected = model.state_dict()
+    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     by_file: dict[Path, list[tuple[str, str]]] = defaultdict(list)
     for key, path in index.items():
-        if not key.startswith(prefix) or IGNORED_KEYS.match(key):
+        if not key.startswith(prefix) or skip.match(key):
             continue
         name = key[len(prefix) :]
         if name not in expected:
@@ -106,11 +122,12 @@ def load_weights(
                 t = f.get_tensor(key)
             except SafetensorError as e:
                 raise CheckpointError(f"{path} is corrupt: cannot read {key} ({e})") from None
-            if dtype is not None and t.is_floating_point():
+            if dtype is not None and name in params and t.is_floating_point():
                 t = t.to(dtype)
             state[name] = t
-    for name in optional - found:
-        state.pop(name, None)
+    for name, default in optional.items():
+        if name not in found and default is not None:
+            state[name] = default
     result = model.load_state_dict(state, strict=False, assign=True)
     assert not result.unexpected_keys, result.unexpected_keys  # checked above
     if hasattr(model, "tie_weights"):

@@ -25,7 +25,12 @@ from nanovl.models.layers import causal_mask
 
 
 class TokenGenerator:
-    def __init__(self, model, prompts: list[list[int]], params: SamplingParams, eos_ids=(), context_len=None):
+    """embeds: optional per-prompt input embeddings (len(prompt), C) used for the prefill instead of
+    looking the prompt ids up (a VLM's prompt with image embeddings merged in)."""
+
+    def __init__(
+        self, model, prompts: list[list[int]], params: SamplingParams, eos_ids=(), context_len=None, embeds=None
+    ):
         if not prompts or any(len(p) == 0 for p in prompts):
             raise RequestError("every prompt needs at least one token")
         cfg = model.config
@@ -41,7 +46,9 @@ class TokenGenerator:
             bad = [t for t in p if not 0 <= t < cfg.vocab_size]
             if bad:
                 raise RequestError(f"token id {bad[0]} is outside the vocabulary (size {cfg.vocab_size})")
-        self.prompts = prompts
+        if embeds is not None and [len(e) for e in embeds] != [len(p) for p in prompts]:
+            raise ValueError("each prompt needs one embedding row per token")
+        self.prompts, self.embeds = prompts, embeds
         self.eos_ids = set(eos_ids) | set(params.stop_token_ids)
         self.max_new = min(params.max_new_tokens, self.context_len - longest)
         self.finish_reason: list[str | None] = [None] * len(prompts)
@@ -72,7 +79,12 @@ class TokenGenerator:
                 L, dtype=torch.bool, device=device
             )
         positions = (slots[None, :L] - pads[:, None]).clamp(min=0)  # (B, L)
-        logits = model(tokens, positions, cache, mask, last_only=True)[:, -1].float()  # (B, V)
+        x = None
+        if self.embeds is not None:
+            x = torch.zeros(B, L, model.config.hidden_size, dtype=model.dtype, device=device)
+            for i, e in enumerate(self.embeds):
+                x[i, L - len(e) :] = e.to(device, model.dtype)
+        logits = model(tokens, positions, cache, mask, embeds=x, last_only=True)[:, -1].float()  # (B, V)
 
         seen = None
         if p.repetition_penalty != 1.0:
@@ -126,8 +138,10 @@ class Completion:
     prompt_tokens: int
 
 
-def stream(model, tokenizer, prompts: list[list[int]], params: SamplingParams, context_len=None) -> Iterator[Delta]:
-    gen = TokenGenerator(model, prompts, params, tokenizer.eos_token_ids, context_len)
+def stream(
+    model, tokenizer, prompts: list[list[int]], params: SamplingParams, context_len=None, embeds=None
+) -> Iterator[Delta]:
+    gen = TokenGenerator(model, prompts, params, tokenizer.eos_token_ids, context_len, embeds)
     decoders = [tokenizer.decode_stream(skip_special_tokens=True) for _ in prompts]
     held = [""] * len(prompts)  # text that may be the start of a stop string
     keep = max((len(s) for s in params.stop), default=1) - 1
@@ -150,11 +164,13 @@ def stream(model, tokenizer, prompts: list[list[int]], params: SamplingParams, c
             yield Delta(i, text, t, gen.finish_reason[i])
 
 
-def generate(model, tokenizer, prompts: list[list[int]], params: SamplingParams, context_len=None) -> list[Completion]:
+def generate(
+    model, tokenizer, prompts: list[list[int]], params: SamplingParams, context_len=None, embeds=None
+) -> list[Completion]:
     texts = [""] * len(prompts)
     ids: list[list[int]] = [[] for _ in prompts]
     reasons = [""] * len(prompts)
-    for d in stream(model, tokenizer, prompts, params, context_len):
+    for d in stream(model, tokenizer, prompts, params, context_len, embeds):
         texts[d.index] += d.text
         ids[d.index].append(d.token_id)
         reasons[d.index] = d.finish_reason or ""
