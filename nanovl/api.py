@@ -79,6 +79,32 @@ def load_vlm(model_dir: str | Path, dtype: str | None = None, pack: bool = False
     return vlm, ckpt
 
 
+def load_radio(model_dir: str | Path, prefix: str = "radio_model.", dtype: str = "float32", **overrides):
+    """A RADIO encoder alone (a C-RADIO checkpoint folder, or transformers' RadioModel saved with
+    save_pretrained, whose tensors carry the release names). overrides: RadioConfig fields."""
+    from nanovl.models.radio import RadioConfig, RadioModel
+
+    index = checkpoint_index(model_dir)
+    cfg = RadioConfig.from_hf(read_json(Path(model_dir) / "config.json"), tensor_shapes(index), prefix)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    with torch.device("meta"):
+        model = RadioModel(cfg)
+    ic = "input_conditioner."
+    optional = {ic + "norm_mean": None, ic + "norm_std": None}
+    load_weights(model, model_dir, prefix, DTYPES[dtype], optional, RadioModel.UNUSED, index)
+    return model.eval().requires_grad_(False)
+
+
+def tile_spec(model_dir: str | Path):
+    """How a vision-language checkpoint tiles images, from its config files alone (no weights)."""
+    ckpt = load_config(model_dir)
+    cls = VLMS.get(ckpt.architecture)
+    if cls is None:
+        raise CheckpointError(f"{ckpt.architecture} is not a vision-language architecture ({', '.join(VLMS)})")
+    return cls.tile_spec(ckpt.raw, preprocessor_config(model_dir))
+
+
 def preprocessor_config(model_dir: str | Path) -> dict:
     path = Path(model_dir) / "preprocessor_config.json"
     return read_json(path) if path.is_file() else {}

@@ -9,6 +9,14 @@ import time
 from nanovl.errors import NanovlError
 
 
+def add_document_args(p: argparse.ArgumentParser):
+    from nanovl.media import DEFAULT_DPI
+
+    p.add_argument("--pages", help="PDF pages, e.g. 1-3,7 (default: all)")
+    p.add_argument("--dpi", type=float, default=DEFAULT_DPI, help=f"PDF render resolution (default {DEFAULT_DPI})")
+    p.add_argument("--max-tiles", type=int, help="tile budget per image (default: the checkpoint's)")
+
+
 def add_sampling_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("sampling (defaults: the checkpoint's generation_config.json, else greedy)")
     g.add_argument("--max-tokens", type=int, default=256, help="most new tokens (default 256)")
@@ -48,8 +56,13 @@ def stream_to_stdout(model, ids: list[int], args) -> str:
     from nanovl.engine import stream
 
     params = model.params(**sampling_kwargs(args))
+    return write_stream(stream(model.model, model.tokenizer, [ids], params), len(ids), args)
+
+
+def write_stream(deltas, prompt_tokens: int, args) -> str:
+    """Write text deltas to stdout as they come; speed on stderr with --stats; return the text."""
     t0, first, n, text, reason = time.perf_counter(), None, 0, [], ""
-    for d in stream(model.model, model.tokenizer, [ids], params):
+    for d in deltas:
         first = first or time.perf_counter()
         n += 1
         text.append(d.text)
@@ -61,7 +74,7 @@ def stream_to_stdout(model, ids: list[int], args) -> str:
         t1 = time.perf_counter()
         rate = (n - 1) / (t1 - first) if n > 1 else 0.0
         print(
-            f"[{len(ids)} prompt tokens, {n} generated, first token {first - t0:.2f} s, "
+            f"[{prompt_tokens} prompt tokens, {n} generated, first token {first - t0:.2f} s, "
             f"{rate:.1f} tokens/s, finish: {reason}]",
             file=sys.stderr,
         )
@@ -115,11 +128,63 @@ def cmd_chat(args):
         history.append({"role": "assistant", "content": reply})
 
 
-def cmd_make_tiny(args):
-    from nanovl.tiny import FAMILIES, write_checkpoint
+def cmd_ask(args):
+    import nanovl
+    from nanovl.api import VisionLanguageModel
+    from nanovl.engine import stream
 
-    if args.family not in FAMILIES:
-        raise NanovlError(f"unknown family {args.family!r}; choose from {', '.join(FAMILIES)}")
+    if len(args.inputs) < 2:
+        raise NanovlError('give at least one file and then the question: nanovl ask --model DIR FILE "QUESTION"')
+    *files, question = args.inputs
+    check_sampling_args(args)
+    model = nanovl.load(args.model, args.dtype)
+    if not isinstance(model, VisionLanguageModel):
+        raise NanovlError(f"{args.model} is a text-only model; `ask` needs a vision-language checkpoint")
+    images = model.load_images(files, args.pages, args.dpi)
+    params = model.params(**sampling_kwargs(args))
+    prompt = model.prepare(images, question, args.max_tiles, args.system, params.max_new_tokens)
+    if args.stats:
+        tiles = sum(p.tiles for p in prompt.plans)
+        print(f"[{len(images)} image(s), {tiles} tiles, {len(prompt.ids)} prompt tokens]", file=sys.stderr)
+    deltas = stream(model.model, model.tokenizer, [prompt.ids], params, embeds=[prompt.embeds])
+    write_stream(deltas, len(prompt.ids), args)
+
+
+def cmd_tiles(args):
+    import json
+    from pathlib import Path
+
+    from nanovl.api import tile_spec
+    from nanovl.media import load_document
+    from nanovl.tiling import draw_grid, plan_tiles
+
+    spec = tile_spec(args.model)
+    if args.max_tiles is not None and args.max_tiles < spec.min_tiles:
+        raise NanovlError(f"--max-tiles must be at least {spec.min_tiles}")
+    pages = load_document(args.file, args.pages, args.dpi)
+    plans = [plan_tiles(spec, *im.size, max_tiles=args.max_tiles) for im in pages]
+    if args.json:
+        print(json.dumps([p.as_dict() for p in plans]))
+    else:
+        print(f"{args.file}: {spec.rule} rule, {spec.tile_size}px tiles, {spec.min_tiles}-{spec.max_tiles} tiles")
+        for i, (im, p) in enumerate(zip(pages, plans), 1):
+            cols, rows = p.grid
+            thumb = " + thumbnail" if p.thumbnail else ""
+            grid = f"{cols}x{rows} grid{thumb}"
+            print(f"  page {i}: {im.size[0]}x{im.size[1]} -> {grid} = {p.tiles} tiles, {p.image_tokens} image tokens")
+    if args.out:
+        out = Path(args.out)
+        for i, (im, p) in enumerate(zip(pages, plans), 1):
+            path = out if len(pages) == 1 else out.with_name(f"{out.stem}-page{i}{out.suffix}")
+            draw_grid(im, p).save(path)
+            print(f"wrote {path}", file=sys.stderr)
+
+
+def cmd_make_tiny(args):
+    from nanovl.tiny import ALL_FAMILIES, write_checkpoint
+
+    if args.family not in ALL_FAMILIES:
+        raise NanovlError(f"unknown family {args.family!r}; choose from {', '.join(ALL_FAMILIES)}")
     out = write_checkpoint(args.family, args.outdir, dtype=args.dtype, seed=args.seed)
     print(f"wrote a tiny random {args.family} checkpoint to {out}")
 
@@ -141,8 +206,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(p)
     p.set_defaults(func=cmd_chat)
 
+    p = sub.add_parser("ask", help="ask a question about images and PDFs, streaming the answer")
+    p.add_argument("--model", required=True, help="vision-language checkpoint folder (Hugging Face layout)")
+    p.add_argument("inputs", nargs="+", metavar="FILE ... QUESTION", help="images / PDFs, then the question")
+    add_document_args(p)
+    p.add_argument("--system", help="system prompt")
+    add_sampling_args(p)
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("tiles", help="show how a document is cut into tiles for a model")
+    p.add_argument("file", help="an image or a PDF")
+    p.add_argument("--model", required=True, help="vision-language checkpoint folder (only its configs are read)")
+    add_document_args(p)
+    p.add_argument(
+        "--json", action="store_true", help='per page: {"grid": [columns, rows], "tiles", "thumbnail", "image_tokens"}'
+    )
+    p.add_argument("--out", help="write the page with the grid drawn over it (PNG); -pageN per page for PDFs")
+    p.set_defaults(func=cmd_tiles)
+
     p = sub.add_parser("make-tiny", help="write a tiny random checkpoint in the HF layout (tests, benchmarks)")
-    p.add_argument("family", help="llama | qwen2")
+    p.add_argument("family", help="llama | qwen2 | nemotron-nano-vl-v1 | nvlm-d")
     p.add_argument("outdir")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--seed", type=int, default=0)

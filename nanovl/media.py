@@ -91,7 +91,10 @@ def decode_image(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> Image.
         raise MediaError(f"{name}: refused as a decompression bomb ({e})") from None
     w, h = im.size
     if w * h > max_pixels:
-        raise MediaError(f"{name}: {w}x{h} = {w * h / 1e6:.0f} MP exceeds the limit of {max_pixels / 1e6:.0f} MP")
+        raise MediaError(
+            f"{name}: {w}x{h} = {w * h / 1e6:.0f} MP exceeds the limit of {max_pixels / 1e6:.0f} MP "
+            "(decompression-bomb guard)"
+        )
     if w == 0 or h == 0:
         raise MediaError(f"{name}: empty image ({w}x{h})")
     try:

@@ -27,7 +27,7 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
 # Tensors some checkpoints carry that no model needs: rotary tables saved by old transformers versions.
-IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
+IGNORED_KEYS = re.compile(r"rotary_emb\.inv_freq$")
 
 
 def checkpoint_index(model_dir: str | Path) -> dict[str, Path]:
@@ -85,8 +85,8 @@ def load_weights(
     """Fill `model` (built on meta) from the checkpoint's tensors named `prefix + name`.
 
     optional: model names the checkpoint may omit -> the value to use then (None: filled by
-    `model.tie_weights()`, e.g. a tied lm_head). unused: regexes of checkpoint keys that are known and
-    deliberately not loaded. Parameters are cast to `dtype`; buffers keep the checkpoint's dtype.
+    `model.tie_weights()`, e.g. a tied lm_head). unused: regexes (searched) of checkpoint keys that are
+    known and deliberately not loaded. Parameters are cast to `dtype`; buffers keep the checkpoint's dtype.
     """
     index = checkpoint_index(model_dir) if index is None else index
     optional = optional or {}
@@ -95,7 +95,7 @@ def load_weights(
     params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     by_file: dict[Path, list[tuple[str, str]]] = defaultdict(list)
     for key, path in index.items():
-        if not key.startswith(prefix) or skip.match(key):
+        if not key.startswith(prefix) or skip.search(key):
             continue
         name = key[len(prefix) :]
         if name not in expected:

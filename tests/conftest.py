@@ -24,3 +24,13 @@ def tiny_qwen2(tmp_path_factory):
 @pytest.fixture(params=["llama", "qwen2"])
 def tiny_ckpt(request, tiny_llama, tiny_qwen2):
     return {"llama": tiny_llama, "qwen2": tiny_qwen2}[request.param]
+
+
+@pytest.fixture(scope="session")
+def tiny_v1(tmp_path_factory):
+    return write_checkpoint("nemotron-nano-vl-v1", tmp_path_factory.mktemp("tiny-nano-vl-v1"), seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_nvlm(tmp_path_factory):
+    return write_checkpoint("nvlm-d", tmp_path_factory.mktemp("tiny-nvlm-d"), seed=4)

@@ -200,7 +200,7 @@ class RadioModel(nn.Module):
     """pixels in [0, 1], (N, 3, H, W) with H, W multiples of the patch size -> patch features (N, h*w, C)."""
 
     # tensors of the release that inference does not use
-    UNUSED = (r"summary_idxs$", r"patch_generator\.video_embedder\.", r"\.adaptors\.", r"feature_normalizer\.")
+    UNUSED = (r"(^|\.)summary_idxs$", r"patch_generator\.video_embedder\.", r"\.adaptors\.", r"feature_normalizer\.")
 
     def __init__(self, cfg: RadioConfig):
         super().__init__()

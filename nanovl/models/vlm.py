@@ -116,7 +116,7 @@ class NemotronNanoVL(VisionLanguageModel):
     context_token = "<image>"
     text_class = LlamaForCausalLM
     vision_prefix = "vision_model.radio_model."
-    unused_weights = tuple(r"vision_model\.radio_model\..*" + p for p in RadioModel.UNUSED)
+    unused_weights = RadioModel.UNUSED
 
     def __init__(self, cfg: VLMConfig):
         super().__init__(cfg)
