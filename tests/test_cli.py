@@ -134,3 +134,43 @@ def test_error_prompt_longer_than_context(broken):
 def test_error_invalid_sampling_values(tiny_llama, flags, pattern):
     rc, _, err = gen(tiny_llama, *flags)
     assert_one_line_error(rc, err, pattern)
+
+
+def test_ask_streams_and_tiles_prints(tiny_v1, tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (800, 600), "white").save(tmp_path / "page.png")
+    rc, out, err = run("ask", "--model", str(tiny_v1), str(tmp_path / "page.png"), "Total?", "--max-tokens", "4")
+    assert rc == 0, err
+    assert out.endswith("\n") and len(out) > 1
+    rc, out, err = run("tiles", str(tmp_path / "page.png"), "--model", str(tiny_v1), "--json")
+    assert rc == 0, err
+    assert json.loads(out) == [{"grid": [4, 3], "tiles": 13, "thumbnail": True, "image_tokens": 3328}]
+
+
+def ask_error(capsys, *args):
+    from nanovl.cli import main
+
+    rc = main(list(args))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and err and err[-1].startswith("nanovl: error: ")
+    return err[-1]
+
+
+def test_ask_bad_inputs_are_one_line_errors(tiny_v1, tiny_llama, tmp_path, capsys):
+    from test_media import make_pdf
+
+    m = str(tiny_v1)
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 50)
+    pdf = make_pdf(tmp_path / "two.pdf", 2)
+    locked = make_pdf(tmp_path / "locked.pdf", 1, encrypt="pw")
+    assert "not an image or PDF" in ask_error(capsys, "ask", "--model", m, str(tmp_path / "notes.txt"), "Q")
+    assert "broken.jpg" in ask_error(capsys, "ask", "--model", m, str(tmp_path / "broken.jpg"), "Q")
+    assert "page 3 is out of range" in ask_error(capsys, "ask", "--model", m, str(pdf), "Q", "--pages", "3")
+    assert "encrypted" in ask_error(capsys, "ask", "--model", m, str(locked), "Q")
+    assert "no such file" in ask_error(capsys, "ask", "--model", m, str(tmp_path / "missing.png"), "Q")
+    assert "then the question" in ask_error(capsys, "ask", "--model", m, "only-a-question")
+    assert "text-only" in ask_error(capsys, "ask", "--model", str(tiny_llama), str(pdf), "Q")
+    too_many = ["--max-tiles", "12", *[str(pdf)] * 4]
+    assert "over the context of 16384" in ask_error(capsys, "ask", "--model", m, *too_many, "Q", "--dpi", "300")
