@@ -17,6 +17,8 @@ whose RADIO normalises inside the model; ImageNet constants here for NVLM-D.
 
 from __future__ import annotations
 
+import functools
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -109,17 +111,25 @@ def plan_tiles(spec: TileSpec, width: int, height: int, max_tiles: int | None = 
 
 
 def _to_tensor(im: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())  # (H, W, 3) uint8
+    return torch.from_numpy(np.array(im, dtype=np.uint8))  # (H, W, 3) uint8
+
+
+@functools.cache
+def _resize_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="nanovl-resize")
 
 
 def make_tiles(image: Image.Image, spec: TileSpec, plan: TilePlan) -> torch.Tensor:
-    """RGB image -> (tiles, 3, tile, tile) float32: [0, 1], or normalised when the spec says so."""
+    """RGB image -> (tiles, 3, tile, tile) float32: [0, 1], or normalised when the spec says so.
+
+    The two resizes dominate and Pillow releases the GIL while resizing, so the thumbnail is made
+    on a second thread while this one makes the grid."""
     t, (cols, rows) = spec.tile_size, plan.grid
+    thumb = _resize_pool().submit(image.resize, (t, t), Image.Resampling.BICUBIC) if plan.thumbnail else None
     resized = _to_tensor(image.resize((cols * t, rows * t), Image.Resampling.BICUBIC))
     tiles = resized.view(rows, t, cols, t, 3).permute(0, 2, 4, 1, 3).reshape(rows * cols, 3, t, t)
-    if plan.thumbnail:
-        thumb = _to_tensor(image.resize((t, t), Image.Resampling.BICUBIC)).permute(2, 0, 1)
-        tiles = torch.cat([tiles, thumb[None]])
+    if thumb is not None:
+        tiles = torch.cat([tiles, _to_tensor(thumb.result()).permute(2, 0, 1)[None]])
     x = tiles.float().div_(255)
     if spec.mean is not None:
         mean = torch.tensor(spec.mean).view(1, 3, 1, 1)

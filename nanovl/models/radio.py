@@ -105,7 +105,7 @@ class PatchGenerator(nn.Module):
         self._pos_cache: dict = {}
 
     def position_embedding(self, h: int, w: int, dtype) -> torch.Tensor:
-        key = (h, w, dtype)
+        key = (h, w, dtype, self.pos_embed._version)  # a weight update invalidates the cache
         if key in self._pos_cache and not torch.is_grad_enabled():
             return self._pos_cache[key]
         rows, cols = self.cfg.pos_grid
