@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -83,8 +84,12 @@ def load_image(src, max_pixels: int = MAX_PIXELS) -> Image.Image:
 
 
 def decode_image(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Pillow's own bomb check still refuses anything over 2 x Image.MAX_IMAGE_PIXELS (179 MP) at open;
+    its warning below that is silenced, since `max_pixels` is enforced here instead."""
     try:
-        im = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise MediaError(f"{name}: not an image or PDF that nanovl can read") from None
     except Image.DecompressionBombError as e:

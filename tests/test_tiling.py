@@ -119,7 +119,7 @@ def test_token_counts_for_the_real_configs():
 
 def test_missing_max_tiles_is_announced():
     with pytest.warns(UserWarning, match="max_dynamic_patch not found.*using 12"):
-        spec = NemotronNanoVL.tile_spec({"force_image_size": 512, "vision_config": {}}, {})
+        spec = NemotronNanoVL.tile_spec({"force_image_size": 512, "vision_config": {}, "use_thumbnail": True}, {})
     assert spec.max_tiles == 12
 
 
