@@ -99,38 +99,15 @@ def to_release_names(state: dict) -> dict:
 def test_intern_vit_matches_transformers(tmp_path, size):
     """InternViT-6B's structure (RMSNorm, QK-norm over the full width, layer scale, no qkv bias)
     expressed in transformers' InternVLVisionConfig."""
+    sizes = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=160, image_size=448)
+    sizes.update(patch_size=14, norm_type="rms_norm", layer_norm_eps=1e-6)
     hf_cfg = InternVLVisionConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=160,
-        image_size=448,
-        patch_size=14,
-        norm_type="rms_norm",
-        use_qk_norm=True,
-        attention_bias=False,
-        layer_scale_init_value=0.1,
-        use_mean_pooling=True,
-        layer_norm_eps=1e-6,
+        **sizes, use_qk_norm=True, attention_bias=False, layer_scale_init_value=0.1, use_mean_pooling=True
     )
     ref = randomize(InternVLVisionModel(hf_cfg), 2)
-    save_file(
-        {k: v.contiguous() for k, v in to_release_names(ref.state_dict()).items()}, tmp_path / "model.safetensors"
-    )
-    cfg = InternViTConfig.from_hf(
-        dict(
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=160,
-            image_size=448,
-            patch_size=14,
-            norm_type="rms_norm",
-            qk_normalization=True,
-            qkv_bias=False,
-            layer_norm_eps=1e-6,
-        )
-    )
+    release = {k: v.contiguous() for k, v in to_release_names(ref.state_dict()).items()}
+    save_file(release, tmp_path / "model.safetensors")
+    cfg = InternViTConfig.from_hf({**sizes, "qk_normalization": True, "qkv_bias": False})
     with torch.device("meta"):
         ours = InternVisionModel(cfg)
     load_weights(ours, tmp_path)

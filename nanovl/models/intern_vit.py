@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanovl.errors import CheckpointError
-from nanovl.models.layers import RMSNorm
+from nanovl.models.layers import GeluMLP, RMSNorm
 
 
 @dataclass
@@ -108,23 +108,13 @@ class Attention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
 class Layer(nn.Module):
     def __init__(self, cfg: InternViTConfig):
         super().__init__()
         c = cfg.hidden_size
         self.norm1, self.norm2 = cfg.norm(c), cfg.norm(c)
         self.attn = Attention(cfg)
-        self.mlp = Mlp(c, cfg.intermediate_size)
+        self.mlp = GeluMLP(c, cfg.intermediate_size)
         self.ls1 = nn.Parameter(torch.ones(c))
         self.ls2 = nn.Parameter(torch.ones(c))
 

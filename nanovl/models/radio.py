@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanovl.errors import CheckpointError
+from nanovl.models.layers import GeluMLP
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -153,16 +154,6 @@ class Attention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
 class Block(nn.Module):
     def __init__(self, cfg: RadioConfig):
         super().__init__()
@@ -170,7 +161,7 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(c, eps=cfg.layer_norm_eps)
         self.attn = Attention(c, cfg.num_attention_heads)
         self.norm2 = nn.LayerNorm(c, eps=cfg.layer_norm_eps)
-        self.mlp = Mlp(c, cfg.intermediate_size)
+        self.mlp = GeluMLP(c, cfg.intermediate_size)
         self.layer_scale1 = LayerScale(c) if cfg.layer_scale else nn.Identity()
         self.layer_scale2 = LayerScale(c) if cfg.layer_scale else nn.Identity()
 

@@ -51,6 +51,17 @@ def _first(sources: list[tuple[str, dict]], key: str, default, what: str):
     return default
 
 
+def tile_geometry(raw: dict, default_patch: int) -> tuple[int, int]:
+    """(tile size, tokens per tile) from config.json: force_image_size (or the vision config's
+    image_size), the vision patch size and the pixel-shuffle downsample ratio."""
+    v = raw.get("vision_config") or {}
+    size = raw.get("force_image_size") or v.get("image_size")
+    if not size:
+        raise CheckpointError("config.json has neither force_image_size nor vision_config.image_size")
+    patch = v.get("patch_size", default_patch)
+    return size, int((size // patch) ** 2 * raw.get("downsample_ratio", 0.5) ** 2)
+
+
 class VisionLanguageModel(nn.Module):
     """Shared glue; subclasses set the parts and the prompt format."""
 
@@ -126,11 +137,7 @@ class NemotronNanoVL(VisionLanguageModel):
 
     @staticmethod
     def tile_spec(raw: dict, pre: dict) -> TileSpec:
-        v = raw.get("vision_config") or {}
-        size = raw.get("force_image_size") or v.get("image_size")
-        if not size:
-            raise CheckpointError("config.json has neither force_image_size nor vision_config.image_size")
-        patch = v.get("patch_size", 16)
+        size, tokens = tile_geometry(raw, default_patch=16)
         sources = [("preprocessor_config.json", pre), ("config.json", raw)]
         max_tiles = pre.get("max_num_tiles") or _first(sources, "max_dynamic_patch", 12, "Nano-VL-8B")
         return TileSpec(
@@ -139,7 +146,7 @@ class NemotronNanoVL(VisionLanguageModel):
             min_tiles=pre.get("min_num_tiles") or raw.get("min_dynamic_patch") or 1,
             max_tiles=max_tiles,
             use_thumbnail=_first(sources, "use_thumbnail", True, "Nano-VL-8B"),
-            tokens_per_tile=int((size // patch) ** 2 * raw.get("downsample_ratio", 0.5) ** 2),
+            tokens_per_tile=tokens,
         )
 
     @staticmethod
@@ -174,11 +181,7 @@ class NVLMD(VisionLanguageModel):
 
     @staticmethod
     def tile_spec(raw: dict, pre: dict) -> TileSpec:
-        v = raw.get("vision_config") or {}
-        size = raw.get("force_image_size") or v.get("image_size")
-        if not size:
-            raise CheckpointError("config.json has neither force_image_size nor vision_config.image_size")
-        patch = v.get("patch_size", 14)
+        size, tokens = tile_geometry(raw, default_patch=14)
         dynamic = raw.get("dynamic_image_size", True)
         sources = [("config.json", raw)]
         max_tiles = _first(sources, "max_dynamic_patch", 6, "NVLM-D") if dynamic else 1
@@ -188,7 +191,7 @@ class NVLMD(VisionLanguageModel):
             min_tiles=(raw.get("min_dynamic_patch") or 1) if dynamic else 1,
             max_tiles=max_tiles,
             use_thumbnail=_first(sources, "use_thumbnail", True, "NVLM-D"),
-            tokens_per_tile=int((size // patch) ** 2 * raw.get("downsample_ratio", 0.5) ** 2),
+            tokens_per_tile=tokens,
             mean=IMAGENET_MEAN,
             std=IMAGENET_STD,
         )
