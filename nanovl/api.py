@@ -61,14 +61,21 @@ def load_text_model(model_dir: str | Path, dtype: str | None = None, pack: bool 
     return model, ckpt
 
 
-def load_vlm(model_dir: str | Path, dtype: str | None = None, pack: bool = False):
-    """Build a whole vision-language checkpoint (encoder, projector, LLM) and load it strictly."""
+def load_vlm(model_dir: str | Path, dtype: str | None = None, pack: bool = False, align_corners: bool | None = None):
+    """Build a whole vision-language checkpoint (encoder, projector, LLM) and load it strictly.
+
+    align_corners: RADIO's position-grid interpolation switch (models/radio.py); None keeps the default.
+    """
     ckpt = load_config(model_dir)
     cls = VLMS.get(ckpt.architecture)
     if cls is None:
         raise CheckpointError(f"{ckpt.architecture} is not a vision-language architecture ({', '.join(VLMS)})")
     index = checkpoint_index(model_dir)
     cfg = cls.from_checkpoint(ckpt.raw, ckpt.text, tensor_shapes(index), preprocessor_config(model_dir))
+    if align_corners is not None:
+        if not hasattr(cfg.vision, "align_corners"):
+            raise RequestError(f"align_corners applies to RADIO encoders, not to {ckpt.architecture}")
+        cfg.vision.align_corners = align_corners
     with torch.device("meta"):
         vlm = cls(cfg)
     torch_dtype = resolve_dtype(dtype, ckpt.text.dtype)
@@ -176,8 +183,8 @@ class VisionLanguageModel(TextModel):
             raise CheckpointError(f"the tokenizer has no {vlm.context_token} token, which the image embeddings replace")
 
     @classmethod
-    def load(cls, model_dir: str | Path, dtype: str | None = None) -> VisionLanguageModel:
-        vlm, ckpt = load_vlm(model_dir, dtype, pack=True)
+    def load(cls, model_dir: str | Path, dtype: str | None = None, **options) -> VisionLanguageModel:
+        vlm, ckpt = load_vlm(model_dir, dtype, pack=True, **options)
         return cls(vlm, Tokenizer(model_dir, ckpt.text.eos_token_ids), Path(model_dir))
 
     def load_images(self, inputs, pages: str | None = None, dpi: float = DEFAULT_DPI, max_pixels: int = MAX_PIXELS):
@@ -246,8 +253,15 @@ class VisionLanguageModel(TextModel):
         return generate(self.model, self.tokenizer, [prompt.ids], params, embeds=[prompt.embeds])[0]
 
 
-def load(model_dir: str | Path, dtype: str | None = None) -> TextModel | VisionLanguageModel:
-    """A checkpoint folder -> a VisionLanguageModel for VLM architectures, else a TextModel."""
+def load(model_dir: str | Path, dtype: str | None = None, **options) -> TextModel | VisionLanguageModel:
+    """A checkpoint folder -> a VisionLanguageModel for VLM architectures, else a TextModel.
+
+    options (VLMs): align_corners=True|False for RADIO's position-grid resize (default False, as vLLM
+    and current RADIO; the C-RADIOv2-H remote code reportedly used True).
+    """
     arch = load_config(model_dir).architecture
-    cls = VisionLanguageModel if arch in VLMS else TextModel
-    return cls.load(model_dir, dtype)
+    if arch in VLMS:
+        return VisionLanguageModel.load(model_dir, dtype, **options)
+    if options:
+        raise RequestError(f"{', '.join(options)}: options for vision-language checkpoints only")
+    return TextModel.load(model_dir, dtype)

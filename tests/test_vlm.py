@@ -143,3 +143,12 @@ def test_images_that_do_not_fit_the_context(v1, capsys):
     assert "tiles per image to fit 8 images" in capsys.readouterr().err
     with pytest.raises(RequestError, match="placeholders"):
         v1.prepare(many[:2], "only one <image> here")
+
+
+def test_align_corners_switch_reaches_the_encoder(tiny_v1):
+    on = nanovl.load(tiny_v1, dtype="float32", align_corners=True)
+    off = nanovl.load(tiny_v1, dtype="float32")
+    assert on.vlm.config.vision.align_corners and not off.vlm.config.vision.align_corners
+    x = torch.rand(1, 3, 512, 512)
+    with torch.no_grad():
+        assert not torch.allclose(on.vlm.vision_features(x), off.vlm.vision_features(x))
