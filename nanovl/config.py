@@ -117,18 +117,130 @@ class TextConfig:
             raise CheckpointError(f"hidden_act {self.hidden_act!r} is not supported (supported: silu)")
 
 
+LAYER_CODES = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
+LAYER_TYPE_NAMES = {
+    "linear_attention": "M",
+    "mamba": "M",
+    "full_attention": "*",
+    "attention": "*",
+    "mlp": "-",
+    "moe": "E",
+}
+
+
+@dataclass
+class NemotronHConfig:
+    """Nemotron-H: a stack of Mamba2 (M), attention (*) and MLP (-) layers given by a pattern string."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    pattern: str  # one character per layer: M, *, -
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    mamba_num_heads: int
+    mamba_head_dim: int
+    ssm_state_size: int
+    n_groups: int
+    conv_kernel: int
+    chunk_size: int
+    max_position_embeddings: int
+    layer_norm_epsilon: float = 1e-5
+    use_conv_bias: bool = True
+    use_bias: bool = False  # in_proj / out_proj of the Mamba mixers
+    mlp_bias: bool = False
+    attention_bias: bool = False
+    time_step_limit: tuple[float, float] = (0.0, float("inf"))
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    dtype: str = "float32"
+
+    @classmethod
+    def from_hf(cls, d: dict, architecture: str) -> NemotronHConfig:
+        # releases: `hybrid_override_pattern` ("M-M*-..."); transformers 5: `layers_block_type` (names)
+        if d.get("hybrid_override_pattern"):
+            pattern = d["hybrid_override_pattern"]
+        elif d.get("layers_block_type") or d.get("layer_types"):
+            names = d.get("layers_block_type") or d["layer_types"]
+            unknown = [n for n in names if n not in LAYER_TYPE_NAMES]
+            if unknown:
+                raise CheckpointError(f"unknown Nemotron-H layer type {unknown[0]!r}")
+            pattern = "".join(LAYER_TYPE_NAMES[n] for n in names)
+        else:
+            raise CheckpointError("config.json has neither hybrid_override_pattern nor layers_block_type")
+        if "E" in pattern:
+            raise CheckpointError("Nemotron-H mixture-of-experts layers (E) are not supported")
+        if set(pattern) - set("M*-"):
+            raise CheckpointError(f"bad hybrid_override_pattern {pattern!r}: use M, * and -")
+        required = ("vocab_size", "hidden_size", "num_attention_heads", "intermediate_size", "mamba_num_heads")
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise CheckpointError(f"config.json lacks {', '.join(missing)} for {architecture}")
+        if d.get("mlp_hidden_act", "relu2") != "relu2" or d.get("mamba_hidden_act", "silu") != "silu":
+            raise CheckpointError("only relu2 MLPs and silu Mamba activations are supported")
+        eos = d.get("eos_token_id")
+        limit = d.get("time_step_limit") or (0.0, float("inf"))
+        heads = d["num_attention_heads"]
+        return cls(
+            architecture=architecture,
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            pattern=pattern,
+            num_attention_heads=heads,
+            num_key_value_heads=d.get("num_key_value_heads") or heads,
+            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+            intermediate_size=d["intermediate_size"],
+            mamba_num_heads=d["mamba_num_heads"],
+            mamba_head_dim=d.get("mamba_head_dim", 64),
+            ssm_state_size=d.get("ssm_state_size", 128),
+            n_groups=d.get("n_groups", d.get("mamba_n_groups", 8)),
+            conv_kernel=d.get("conv_kernel", d.get("mamba_d_conv", 4)),
+            chunk_size=d.get("chunk_size", d.get("mamba_chunk_size", 128)),
+            max_position_embeddings=d.get("max_position_embeddings", 4096),
+            layer_norm_epsilon=d.get("layer_norm_epsilon", 1e-5),
+            use_conv_bias=d.get("use_conv_bias", True),
+            use_bias=d.get("use_bias", False),
+            mlp_bias=d.get("mlp_bias", False),
+            attention_bias=d.get("attention_bias", False),
+            time_step_limit=(float(limit[0]), float(limit[1]) if not isinstance(limit[1], dict) else float("inf")),
+            tie_word_embeddings=d.get("tie_word_embeddings", False),
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
+            dtype=d.get("torch_dtype") or d.get("dtype") or "float32",
+        )
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return len(self.pattern)
+
+
+# config class by text architecture (TextConfig for the Llama-style decoders)
+TEXT_CONFIGS = {"NemotronHForCausalLM": NemotronHConfig}
+
+
 @dataclass
 class CheckpointConfig:
     """What a checkpoint folder holds: the top-level architecture and its language model."""
 
     architecture: str  # config.json `architectures[0]`
-    text: TextConfig
+    text: TextConfig | NemotronHConfig
     text_prefix: str  # weight-name prefix of the language model: "" or "language_model."
     raw: dict  # the whole config.json, for the parts later modules read
 
 
 # Fallback when a nested text config names no `architectures` (dispatch prefers `architectures`).
-TEXT_ARCH_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+TEXT_ARCH_BY_MODEL_TYPE = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "nemotron_h": "NemotronHForCausalLM",
+}
+
+
+def text_config(d: dict, architecture: str):
+    return TEXT_CONFIGS.get(architecture, TextConfig).from_hf(d, architecture)
 
 
 def read_json(path: Path) -> dict:
@@ -151,9 +263,9 @@ def load_config(model_dir: str | Path) -> CheckpointConfig:
         raise CheckpointError(f"{path} names no `architectures`")
     nested_key = next((k for k in ("llm_config", "text_config") if isinstance(raw.get(k), dict)), None)
     if nested_key is None:
-        return CheckpointConfig(archs[0], TextConfig.from_hf(raw, archs[0]), "", raw)
+        return CheckpointConfig(archs[0], text_config(raw, archs[0]), "", raw)
     text = raw[nested_key]
     text_arch = (text.get("architectures") or [None])[0] or TEXT_ARCH_BY_MODEL_TYPE.get(text.get("model_type"))
     if text_arch is None:
         raise CheckpointError(f"{path}: `{nested_key}` names no architectures and no known model_type")
-    return CheckpointConfig(archs[0], TextConfig.from_hf(text, text_arch), "language_model.", raw)
+    return CheckpointConfig(archs[0], text_config(text, text_arch), "language_model.", raw)

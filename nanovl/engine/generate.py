@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import torch
 
-from nanovl.engine.cache import KVCache
 from nanovl.engine.sampling import SamplingParams, apply_repetition_penalty, sample
 from nanovl.errors import RequestError
 from nanovl.models.layers import causal_mask
@@ -70,7 +69,7 @@ class TokenGenerator:
         for i, x in enumerate(self.prompts):
             tokens[i, L - len(x) :] = torch.tensor(x, device=device)
         total = L + self.max_new
-        cache = KVCache.for_model(model.config, B, total, model.dtype, device)
+        cache = model.make_cache(B, total)
         slots = torch.arange(total, device=device)
         valid = slots[None, :] >= pads[:, None]  # (B, total): False on left padding
         mask = None
@@ -84,7 +83,8 @@ class TokenGenerator:
             x = torch.zeros(B, L, model.config.hidden_size, dtype=model.dtype, device=device)
             for i, e in enumerate(self.embeds):
                 x[i, L - len(e) :] = e.to(device, model.dtype)
-        logits = model(tokens, positions, cache, mask, embeds=x, last_only=True)[:, -1].float()  # (B, V)
+        real = valid[:, :L] if padded else None  # which prompt tokens are real (recurrent layers mask the rest)
+        logits = model(tokens, positions, cache, mask, embeds=x, last_only=True, valid=real)[:, -1].float()
 
         seen = None
         if p.repetition_penalty != 1.0:

@@ -9,11 +9,13 @@ from __future__ import annotations
 from nanovl.config import CheckpointConfig
 from nanovl.errors import CheckpointError
 from nanovl.models.llama import LlamaForCausalLM
+from nanovl.models.nemotron_h import NemotronHForCausalLM
 from nanovl.models.qwen2 import Qwen2ForCausalLM
 
 TEXT_MODELS = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "NemotronHForCausalLM": NemotronHForCausalLM,
 }
 
 # Vision-language checkpoints whose language model nanovl can load (keys under `language_model.`).

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from nanovl.config import TextConfig
+from nanovl.models.cache import KVCache
 from nanovl.models.layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding
 
 
@@ -67,12 +68,16 @@ class LlamaForCausalLM(nn.Module):
     def device(self) -> torch.device:
         return self.model.embed_tokens.weight.device
 
+    def make_cache(self, batch: int, max_len: int) -> KVCache:
+        return KVCache.for_model(self.config, batch, max_len, self.dtype, self.device)
+
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(tokens)  # (B, T, C)
 
-    def forward(self, tokens=None, positions=None, cache=None, mask=None, embeds=None, last_only=False):
+    def forward(self, tokens=None, positions=None, cache=None, mask=None, embeds=None, last_only=False, valid=None):
         """tokens: (B, T) ids, or embeds: (B, T, C). positions: (B, T), default cache.pos + arange(T).
-        mask: optional (B, 1, T, S) bool over the cache (True = attend). Returns logits (B, T or 1, V)."""
+        mask: optional (B, 1, T, S) bool over the cache (True = attend). valid: (B, T) real-token mask,
+        unused here (positions and `mask` already hide padding). Returns logits (B, T or 1, V)."""
         x = self.embed(tokens) if embeds is None else embeds
         B, T, _ = x.shape
         start = cache.pos if cache is not None else 0
