@@ -28,6 +28,9 @@ def add_sampling_args(p: argparse.ArgumentParser):
     g.add_argument("--seed", type=int, help="makes sampling repeatable")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not included in output")
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float32")
+    p.add_argument(
+        "--show-reasoning", action="store_true", help="print a reasoning model's <think> block (dimmed on a terminal)"
+    )
     p.add_argument("--stats", action="store_true", help="print token counts and speed to stderr")
 
 
@@ -56,19 +59,53 @@ def stream_to_stdout(model, ids: list[int], args) -> str:
     from nanovl.engine import stream
 
     params = model.params(**sampling_kwargs(args))
-    return write_stream(stream(model.model, model.tokenizer, [ids], params), len(ids), args)
+    deltas = stream(model.model, model.tokenizer, [ids], params)
+    return write_stream(deltas, len(ids), args, opens_thinking(model.tokenizer, ids))
 
 
-def write_stream(deltas, prompt_tokens: int, args) -> str:
-    """Write text deltas to stdout as they come; speed on stderr with --stats; return the text."""
+def opens_thinking(tokenizer, ids: list[int]) -> bool:
+    """Did the chat template open a <think> block at the end of the prompt?"""
+    return tokenizer.decode(ids[-4:]).rstrip().endswith("<think>")
+
+
+def add_reasoning_args(p: argparse.ArgumentParser):
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--think", action="store_true", help="reasoning mode on (system prompt /think)")
+    g.add_argument("--no-think", action="store_true", help="reasoning mode off (system prompt /no_think)")
+
+
+def system_prompt(args) -> str | None:
+    """--system, with /think or /no_think on its first line when asked for."""
+    flag = "/think" if args.think else "/no_think" if args.no_think else None
+    parts = [x for x in (flag, args.system) if x]
+    return "\n".join(parts) or None
+
+
+def write_stream(deltas, prompt_tokens: int, args, thinking_at_start: bool = False) -> str:
+    """Write text deltas to stdout as they come; a `<think>` block is dimmed on a terminal, hidden
+    elsewhere unless --show-reasoning; speed on stderr with --stats; return the whole text."""
+    from nanovl.engine.reasoning import ReasoningStream
+
+    tty = sys.stdout.isatty()
+    show = getattr(args, "show_reasoning", False) or tty
+    splitter = ReasoningStream(thinking_at_start)
     t0, first, n, text, reason = time.perf_counter(), None, 0, [], ""
+
+    def write(pieces):
+        for kind, piece in pieces:
+            if kind == "answer":
+                sys.stdout.write(piece)
+            elif show:
+                sys.stdout.write(f"\x1b[2m{piece}\x1b[0m" if tty else piece)
+        sys.stdout.flush()
+
     for d in deltas:
         first = first or time.perf_counter()
         n += 1
         text.append(d.text)
         reason = d.finish_reason or reason
-        sys.stdout.write(d.text)
-        sys.stdout.flush()
+        write(splitter.feed(d.text))
+    write(splitter.finish())
     sys.stdout.write("\n")
     if args.stats and first:
         t1 = time.perf_counter()
@@ -96,7 +133,7 @@ def cmd_chat(args):
     check_sampling_args(args)
     model = nanovl.load(args.model, args.dtype)
     model.tokenizer.apply_chat_template([{"role": "user", "content": "x"}])  # fail early without a template
-    system = [{"role": "system", "content": args.system}] if args.system else []
+    system = [{"role": "system", "content": system_prompt(args)}] if system_prompt(args) else []
     history: list[dict] = []
     tty = sys.stdin.isatty()
     if tty:
@@ -142,12 +179,12 @@ def cmd_ask(args):
         raise NanovlError(f"{args.model} is a text-only model; `ask` needs a vision-language checkpoint")
     images = model.load_images(files, args.pages, args.dpi)
     params = model.params(**sampling_kwargs(args))
-    prompt = model.prepare(images, question, args.max_tiles, args.system, params.max_new_tokens)
+    prompt = model.prepare(images, question, args.max_tiles, system_prompt(args), params.max_new_tokens)
     if args.stats:
         tiles = sum(p.tiles for p in prompt.plans)
         print(f"[{len(images)} image(s), {tiles} tiles, {len(prompt.ids)} prompt tokens]", file=sys.stderr)
     deltas = stream(model.model, model.tokenizer, [prompt.ids], params, embeds=[prompt.embeds])
-    write_stream(deltas, len(prompt.ids), args)
+    write_stream(deltas, len(prompt.ids), args, opens_thinking(model.tokenizer, prompt.ids))
 
 
 def cmd_tiles(args):
@@ -203,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="interactive multi-turn chat with the checkpoint's chat template")
     p.add_argument("--model", required=True, help="checkpoint folder (Hugging Face layout)")
     p.add_argument("--system", help="system prompt")
+    add_reasoning_args(p)
     add_sampling_args(p)
     p.set_defaults(func=cmd_chat)
 
@@ -211,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="FILE ... QUESTION", help="images / PDFs, then the question")
     add_document_args(p)
     p.add_argument("--system", help="system prompt")
+    add_reasoning_args(p)
     add_sampling_args(p)
     p.set_defaults(func=cmd_ask)
 

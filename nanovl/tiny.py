@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from nanovl.config import TextConfig
+from nanovl.config import text_config
 from nanovl.models import TEXT_MODELS
 from nanovl.weights import save_weights
 
@@ -72,6 +72,29 @@ QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
+NEMOTRON_TEMPLATE = (
+    "{{- bos_token }}\n"
+    "{%- set ns = namespace(system='') %}\n"
+    "{%- if messages and messages[0]['role'] == 'system' %}\n"
+    "    {%- set ns.system = messages[0]['content'] %}\n"
+    "    {%- set messages = messages[1:] %}\n"
+    "{%- endif %}\n"
+    "{{- '<SPECIAL_10>System\\n' + ns.system + '\\n' }}\n"
+    "{%- for message in messages %}\n"
+    "    {%- if message['role'] == 'user' %}\n"
+    "        {{- '<SPECIAL_11>User\\n' + message['content'] + '\\n' }}\n"
+    "    {%- elif message['role'] == 'assistant' %}\n"
+    "        {{- '<SPECIAL_11>Assistant\\n' + message['content'] + '\\n<SPECIAL_12>\\n' }}\n"
+    "    {%- else %}\n"
+    "        {{- raise_exception('roles must be system, user or assistant') }}\n"
+    "    {%- endif %}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n"
+    "    {{- '<SPECIAL_11>Assistant\\n' }}\n"
+    "    {%- if '/no_think' in ns.system %}{{- '<think></think>' }}{%- endif %}\n"
+    "{%- endif %}\n"
+)
+
 FAMILIES = {
     "llama": {
         "architecture": "LlamaForCausalLM",
@@ -118,6 +141,43 @@ FAMILIES = {
             "sliding_window": None,
         },
     },
+    "nemotron-h": {
+        "architecture": "NemotronHForCausalLM",
+        "model_type": "nemotron_h",
+        "specials": ["<unk>", "<s>", "</s>", "<SPECIAL_10>", "<SPECIAL_11>", "<SPECIAL_12>"],
+        "plain": ["<think>", "</think>"],  # added, not special: they stay in decoded text
+        "bos": "<s>",
+        "eos": "<SPECIAL_12>",
+        "stop": ["<SPECIAL_12>", "</s>"],
+        "template": NEMOTRON_TEMPLATE,
+        "split": LLAMA3_SPLIT,
+        "nfc": False,
+        "size": {
+            "hidden_size": 64,
+            "hybrid_override_pattern": "M*-M-*M",
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "intermediate_size": 128,
+            "mamba_num_heads": 8,
+            "mamba_head_dim": 16,
+            "ssm_state_size": 16,
+            "n_groups": 2,
+            "tie_word_embeddings": False,
+        },
+        "config": {
+            "conv_kernel": 4,
+            "chunk_size": 128,
+            "layer_norm_epsilon": 1e-5,
+            "use_conv_bias": True,
+            "use_bias": False,
+            "mlp_bias": False,
+            "attention_bias": False,
+            "mlp_hidden_act": "relu2",
+            "mamba_hidden_act": "silu",
+            "max_position_embeddings": 512,
+        },
+    },
 }
 
 TINY_SIZE = {
@@ -131,7 +191,13 @@ TINY_SIZE = {
 
 
 def train_tokenizer(
-    specials: list[str], bos: str | None, split: str, nfc: bool = False, vocab_size: int = 512, corpus=None
+    specials: list[str],
+    bos: str | None,
+    split: str,
+    nfc: bool = False,
+    vocab_size: int = 512,
+    corpus=None,
+    plain: list[str] = (),
 ):
     """A byte-level BPE with the released tokenizers' pipeline: regex split, then bytes to symbols."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -153,6 +219,8 @@ def train_tokenizer(
         show_progress=False,
     )
     tk.train_from_iterator(corpus or CORPUS * 4, trainer)
+    if plain:
+        tk.add_tokens(plain)
     if bos is not None:  # Llama-3 style: BOS added to raw prompts by the post-processor
         tk.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tk.token_to_id(bos))]
@@ -252,7 +320,8 @@ def write_checkpoint(
     fam = FAMILIES[text_family]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tk = train_tokenizer(fam["specials"] + (vlm["added"] if vlm else []), fam["bos"], fam["split"], fam["nfc"])
+    specials = fam["specials"] + (vlm["added"] if vlm else [])
+    tk = train_tokenizer(specials, fam["bos"], fam["split"], fam["nfc"], plain=fam.get("plain", []))
     tk.save(str(out / "tokenizer.json"))
     ids = {t: tk.token_to_id(t) for t in fam["specials"]}
     stop_ids = [ids[t] for t in fam["stop"]]
@@ -263,14 +332,16 @@ def write_checkpoint(
         "vocab_size": vocab_size or tk.get_vocab_size(),
         "hidden_act": "silu",
         "initializer_range": 0.02,
-        **TINY_SIZE,
+        **fam.get("size", TINY_SIZE),
         **(size or {}),
         **fam["config"],
         "bos_token_id": ids[fam["bos"]] if fam["bos"] else None,
-        "eos_token_id": stop_ids if text_family == "llama" else ids[fam["eos"]],
+        "eos_token_id": ids[fam["eos"]] if text_family == "qwen2" else stop_ids,
         "torch_dtype": dtype,
     }
-    text["head_dim"] = text["hidden_size"] // text["num_attention_heads"]
+    text.setdefault("head_dim", text["hidden_size"] // text["num_attention_heads"])
+    if "hybrid_override_pattern" in text:  # the Nemotron-H releases write both
+        text["num_hidden_layers"] = len(text["hybrid_override_pattern"])
     if vlm:
         text["max_position_embeddings"] = VLM_CONTEXT
         if family == "nvlm-d":
@@ -288,7 +359,7 @@ def write_checkpoint(
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": fam["bos"],
         "eos_token": fam["eos"],
-        "pad_token": fam["specials"][1] if text_family == "llama" else fam["specials"][0],
+        "pad_token": {"llama": "<|end_of_text|>", "qwen2": "<|endoftext|>"}.get(text_family, "<unk>"),
         "model_max_length": text["max_position_embeddings"],
         "clean_up_tokenization_spaces": False,
         "chat_template": fam["template"],
@@ -302,7 +373,7 @@ def write_checkpoint(
 def _meta_model(out: Path, hf: dict, text_arch: str):
     """The model whose shapes the checkpoint needs, on meta (a VLM reads some sizes from tensor shapes,
     which are given here from the config)."""
-    text_cfg = TextConfig.from_hf(hf.get("llm_config", hf), text_arch)
+    text_cfg = text_config(hf.get("llm_config", hf), text_arch)
     with torch.device("meta"):
         if "llm_config" not in hf:
             return TEXT_MODELS[text_arch](text_cfg)

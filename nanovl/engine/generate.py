@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nanovl.engine.reasoning import split_reasoning
 from nanovl.engine.sampling import SamplingParams, apply_repetition_penalty, sample
 from nanovl.errors import RequestError
 from nanovl.models.layers import causal_mask
@@ -132,10 +133,20 @@ class Delta:
 
 @dataclass
 class Completion:
-    text: str
+    text: str  # everything generated, a reasoning block included
     token_ids: list[int]
     finish_reason: str
     prompt_tokens: int
+
+    @property
+    def reasoning(self) -> str | None:
+        """The `<think>` block of a reasoning model, without its tags; None when there is none."""
+        return split_reasoning(self.text)[0]
+
+    @property
+    def answer(self) -> str:
+        """The text after the reasoning block (all of it when there is none)."""
+        return split_reasoning(self.text)[1]
 
 
 def stream(
