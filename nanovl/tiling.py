@@ -39,6 +39,7 @@ class TileSpec:
     tokens_per_tile: int
     mean: tuple[float, float, float] | None = None  # normalise in the processor; None = in the model
     std: tuple[float, float, float] | None = None
+    resize: str = "pil"  # "pil": Pillow bicubic; "torch": F.interpolate bicubic with antialias (12B V2)
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,8 @@ def make_tiles(image: Image.Image, spec: TileSpec, plan: TilePlan) -> torch.Tens
 
     The two resizes dominate and Pillow releases the GIL while resizing, so the thumbnail is made
     on a second thread while this one makes the grid."""
+    if spec.resize == "torch":
+        return _make_tiles_torch(image, spec, plan)
     t, (cols, rows) = spec.tile_size, plan.grid
     thumb = _resize_pool().submit(image.resize, (t, t), Image.Resampling.BICUBIC) if plan.thumbnail else None
     resized = _to_tensor(image.resize((cols * t, rows * t), Image.Resampling.BICUBIC))
@@ -135,6 +138,24 @@ def make_tiles(image: Image.Image, spec: TileSpec, plan: TilePlan) -> torch.Tens
         mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
         std = torch.tensor(spec.std).view(1, 3, 1, 1)
         x = x.sub_(mean).div_(std)
+    return x
+
+
+def _make_tiles_torch(image: Image.Image, spec: TileSpec, plan: TilePlan) -> torch.Tensor:
+    """The 12B V2 processor: resize in torch (bicubic, antialias, align_corners=False) on 0-255 floats,
+    then divide by 255."""
+    t, (cols, rows) = spec.tile_size, plan.grid
+    x = _to_tensor(image).permute(2, 0, 1)[None].float()  # (1, 3, H, W)
+    resize = lambda size: torch.nn.functional.interpolate(  # noqa: E731
+        x, size=size, mode="bicubic", align_corners=False, antialias=True
+    )
+    grid = resize((rows * t, cols * t))[0]  # (3, rows*t, cols*t)
+    tiles = grid.view(3, rows, t, cols, t).permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, t, t)
+    if plan.thumbnail:
+        tiles = torch.cat([tiles, resize((t, t))])
+    x = tiles.div_(255)
+    if spec.mean is not None:
+        x = x.sub_(torch.tensor(spec.mean).view(1, 3, 1, 1)).div_(torch.tensor(spec.std).view(1, 3, 1, 1))
     return x
 
 

@@ -299,6 +299,21 @@ VLM_FAMILIES = {
         },
     },
 }
+VLM_FAMILIES["nemotron-nano-vl-v2"] = {
+    "text": "nemotron-h",
+    "added": ["<image>", "<img>", "</img>", "<video>"],
+    "config": {
+        **{k: v for k, v in VLM_FAMILIES["nemotron-nano-vl-v1"]["config"].items() if k not in ("template",)},
+        "architectures": ["NemotronH_Nano_VL_V2"],
+        "model_type": "NemotronH_Nano_VL_V2",
+        "patch_size": 16,
+        "projector_hidden_size": 128,
+        "norm_mean": [0.48145466, 0.4578275, 0.40821073],
+        "norm_std": [0.26862954, 0.26130258, 0.27577711],
+        "use_thumbnail": True,
+        "max_dynamic_patch": 12,
+    },
+}
 ALL_FAMILIES = [*FAMILIES, *VLM_FAMILIES]
 VLM_CONTEXT = 16384  # the 8B's context: room for many tiles
 

@@ -34,3 +34,8 @@ def tiny_v1(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_nvlm(tmp_path_factory):
     return write_checkpoint("nvlm-d", tmp_path_factory.mktemp("tiny-nvlm-d"), seed=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_v2(tmp_path_factory):
+    return write_checkpoint("nemotron-nano-vl-v2", tmp_path_factory.mktemp("tiny-nano-vl-v2"), seed=5)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nanovl.models.layers import RMSNorm
+
 
 def pixel_shuffle(x: torch.Tensor, ratio: float = 0.5, version: str = "v2") -> torch.Tensor:
     """x: (N, h*w, C) patch features of a square grid -> (N, h*w*ratio^2, C/ratio^2)."""
@@ -38,4 +40,19 @@ def mlp1_nvlm(dim_in: int, hidden: int, dim_out: int) -> nn.Sequential:
     """NVLM-D-72B: LayerNorm -> Linear -> GELU -> Linear, linear layers without bias."""
     return nn.Sequential(
         nn.LayerNorm(dim_in), nn.Linear(dim_in, hidden, bias=False), nn.GELU(), nn.Linear(hidden, dim_out, bias=False)
+    )
+
+
+class ReluSquared(nn.Module):
+    def forward(self, x):
+        return torch.relu(x).square()
+
+
+def mlp1_nano_vl_v2(dim_in: int, hidden: int, dim_out: int, eps: float = 1e-5) -> nn.Sequential:
+    """NVIDIA-Nemotron-Nano-VL-12B-V2: RMSNorm -> Linear -> ReLU^2 -> Linear, no biases."""
+    return nn.Sequential(
+        RMSNorm(dim_in, eps),
+        nn.Linear(dim_in, hidden, bias=False),
+        ReluSquared(),
+        nn.Linear(hidden, dim_out, bias=False),
     )

@@ -51,6 +51,7 @@ class RadioConfig:
     layer_norm_eps: float = 1e-6
     layer_scale: bool = False
     align_corners: bool = False
+    conditioner: bool = True  # normalise inputs inside the model (8B); False when the processor does (12B V2)
 
     @classmethod
     def from_hf(cls, v: dict, shapes: dict, prefix: str) -> RadioConfig:
@@ -197,10 +198,12 @@ class RadioModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.model = RadioViT(cfg)
-        self.input_conditioner = InputConditioner()
+        if cfg.conditioner:
+            self.input_conditioner = InputConditioner()
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = self.input_conditioner(pixels, self.model.patch_generator.embedder.weight.dtype)
+        dtype = self.model.patch_generator.embedder.weight.dtype
+        x = self.input_conditioner(pixels, dtype) if self.cfg.conditioner else pixels.to(dtype)
         x = self.model.patch_generator(x)
         for block in self.model.blocks:
             x = block(x)

@@ -24,7 +24,8 @@ from nanovl.config import TextConfig
 from nanovl.errors import CheckpointError
 from nanovl.models.intern_vit import InternVisionModel, InternViTConfig
 from nanovl.models.llama import LlamaForCausalLM
-from nanovl.models.projector import mlp1_nano_vl, mlp1_nvlm, pixel_shuffle
+from nanovl.models.nemotron_h import NemotronHForCausalLM
+from nanovl.models.projector import mlp1_nano_vl, mlp1_nano_vl_v2, mlp1_nvlm, pixel_shuffle
 from nanovl.models.qwen2 import Qwen2ForCausalLM
 from nanovl.models.radio import CLIP_MEAN, CLIP_STD, RadioConfig, RadioModel
 from nanovl.tiling import IMAGENET_MEAN, IMAGENET_STD, TilePlan, TileSpec
@@ -212,7 +213,50 @@ class NVLMD(VisionLanguageModel):
         return "<Image>" + "".join(tag + pad for tag in tags) + "</Image>"
 
 
-VLMS = {"Llama_Nemotron_Nano_VL": NemotronNanoVL, "NVLM_D": NVLMD}
+class NemotronNanoVLV2(NemotronNanoVL):
+    """NemotronH_Nano_VL_V2 (NVIDIA-Nemotron-Nano-VL-12B-V2): RADIO + RMSNorm/ReLU^2 mlp1 + Nemotron-H.
+    Tiles by the InternVL rule, resized in torch (bicubic, antialias), normalised in the processor
+    with the config's norm_mean / norm_std (the encoder runs without RADIO's conditioner)."""
+
+    text_class = NemotronHForCausalLM
+    unused_weights = RadioModel.UNUSED + (r"radio_model\.input_conditioner\.",)  # vLLM skips them too
+
+    def __init__(self, cfg: VLMConfig):
+        VisionLanguageModel.__init__(self, cfg)
+        self.vision_model = RadioTower(cfg.vision)
+        width = cfg.vision.hidden_size * round(1 / cfg.downsample_ratio) ** 2
+        self.mlp1 = mlp1_nano_vl_v2(width, cfg.projector_hidden_size, cfg.text.hidden_size)
+
+    @staticmethod
+    def vision_config(raw: dict, shapes: dict) -> RadioConfig:
+        cfg = RadioConfig.from_hf(raw.get("vision_config") or {}, shapes, "vision_model.radio_model.")
+        cfg.conditioner = False  # the processor normalises
+        return cfg
+
+    @staticmethod
+    def tile_spec(raw: dict, pre: dict) -> TileSpec:
+        size, tokens = tile_geometry(raw, default_patch=16)
+        missing = [k for k in ("norm_mean", "norm_std") if not raw.get(k)]
+        if missing:
+            raise CheckpointError(f"config.json lacks {' and '.join(missing)}, which the V2 processor normalises with")
+        sources = [("config.json", raw), ("preprocessor_config.json", pre)]
+        return TileSpec(
+            rule="internvl",
+            tile_size=size,
+            min_tiles=raw.get("min_dynamic_patch") or 1,
+            max_tiles=_first(sources, "max_dynamic_patch", 12, "Nano-VL-12B-V2"),
+            use_thumbnail=_first(sources, "use_thumbnail", True, "Nano-VL-12B-V2"),
+            tokens_per_tile=tokens,
+            mean=tuple(raw["norm_mean"]),
+            std=tuple(raw["norm_std"]),
+            resize="torch",
+        )
+
+    def optional_weights(self) -> dict:
+        return VisionLanguageModel.optional_weights(self)
+
+
+VLMS = {"Llama_Nemotron_Nano_VL": NemotronNanoVL, "NVLM_D": NVLMD, "NemotronH_Nano_VL_V2": NemotronNanoVLV2}
 
 
 def merge_embeddings(text_embeds: torch.Tensor, ids: torch.Tensor, context_id: int, image_embeds: torch.Tensor):
