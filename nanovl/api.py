@@ -18,15 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from nanovl.config import TextConfig, load_config, read_json
 from nanovl.engine import Completion, SamplingParams, generate, stream
 from nanovl.errors import CheckpointError, RequestError
-from nanovl.media import DEFAULT_DPI, MAX_PIXELS, load_document
+from nanovl.media import DEFAULT_DPI, MAX_PIXELS, Video, is_video, load_document, load_video
 from nanovl.models import text_model_class
 from nanovl.models.packed import pack_linears, packing_supported
 from nanovl.models.vlm import VLMS, merge_embeddings
-from nanovl.prompts import expand_images, image_question
+from nanovl.prompts import expand_media, media_question, video_text
 from nanovl.tiling import TilePlan, make_tiles, plan_tiles
 from nanovl.tokenizer import Tokenizer
 from nanovl.weights import checkpoint_index, load_weights, tensor_shapes
@@ -167,7 +168,7 @@ class ImagePrompt:
 
     ids: list[int]
     embeds: torch.Tensor  # (len(ids), hidden): text embeddings with the image embeddings merged in
-    plans: list[TilePlan]  # one per image (page), in prompt order
+    plans: list[TilePlan]  # one per image (page) or video frame, in prompt order
     features: torch.Tensor  # (tiles, tokens, hidden) post-projector image embeddings
 
 
@@ -187,69 +188,124 @@ class VisionLanguageModel(TextModel):
         vlm, ckpt = load_vlm(model_dir, dtype, pack=True, **options)
         return cls(vlm, Tokenizer(model_dir, ckpt.text.eos_token_ids), Path(model_dir))
 
-    def load_images(self, inputs, pages: str | None = None, dpi: float = DEFAULT_DPI, max_pixels: int = MAX_PIXELS):
-        """Paths, bytes, data: URLs or PIL images (one or a list) -> RGB images, one per page."""
+    def load_images(
+        self, inputs, pages=None, dpi=DEFAULT_DPI, max_pixels=MAX_PIXELS, frames=None, fps=None
+    ) -> list[Image.Image | Video]:
+        """Paths, bytes, data: URLs or PIL images (one or a list) -> RGB images, one per page; video
+        files (by extension) -> a Video of sampled frames (`frames` evenly, or `fps`)."""
         if not isinstance(inputs, (list, tuple)):
             inputs = [inputs]
-        return [im for src in inputs for im in load_document(src, pages, dpi, max_pixels)]
+        media = []
+        for src in inputs:
+            if isinstance(src, Video):
+                media.append(src)
+            elif is_video(src):
+                media.append(load_video(src, frames, fps, max_pixels=max_pixels))
+            else:
+                media += load_document(src, pages, dpi, max_pixels)
+        return media
 
     def prepare(
-        self, images, question: str, max_tiles: int | None = None, system: str | None = None, reserve: int = 0
+        self, media, question: str, max_tiles: int | None = None, system: str | None = None, reserve: int = 0
     ) -> ImagePrompt:
         """Tile, encode and merge. Without `max_tiles`, the per-image tile budget shrinks (with a note on
         stderr) until the prompt plus `reserve` new tokens fits the context; an explicit budget never
-        changes, and a prompt that cannot fit is an error that gives the token counts."""
-        if not images:
-            raise RequestError("no images: give at least one image or PDF page")
+        changes, and a prompt that cannot fit is an error that gives the token counts. Each video
+        frame is one tile."""
+        if not media:
+            raise RequestError("no images: give at least one image, PDF page or video")
         context = self.config.max_position_embeddings
         budget = self.tiles.max_tiles if max_tiles is None else max_tiles
         if budget < self.tiles.min_tiles:
             raise RequestError(f"max tiles must be at least {self.tiles.min_tiles}")
+        kinds = ["video" if isinstance(m, Video) else "image" for m in media]
         messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": image_question(question, len(images))}
+            {"role": "user", "content": media_question(question, kinds)}
         ]
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        frame = TilePlan((1, 1), False, self.tiles.tokens_per_tile)
         while True:
-            plans = [plan_tiles(self.tiles, *im.size, max_tiles=budget) for im in images]
-            ids = self.tokenizer.encode(expand_images(text, [self.vlm.image_text(p) for p in plans]), False)
+            plans = [[frame] * len(m.frames) if isinstance(m, Video) else [self.plan(m, budget)] for m in media]
+            items = [(k, self.item_text(m, p)) for k, m, p in zip(kinds, media, plans)]
+            ids = self.tokenizer.encode(expand_media(text, items), False)
             if len(ids) + max(reserve, 1) <= context:
                 break
-            image_tokens = sum(p.image_tokens for p in plans)
-            if max_tiles is not None or budget <= self.tiles.min_tiles:
+            if max_tiles is not None or budget <= self.tiles.min_tiles or "image" not in kinds:
+                image_tokens = sum(p.image_tokens for ps in plans for p in ps)
+                frames = sum(len(m.frames) for m in media if isinstance(m, Video))
+                what = f"{kinds.count('image')} image(s) at up to {budget} tiles each" + (
+                    f" and {frames} video frame(s)" if frames else ""
+                )
                 raise RequestError(
-                    f"{len(images)} image(s) take {image_tokens} tokens at up to {budget} tiles each; with the "
-                    f"text that is {len(ids)} prompt tokens (+{reserve} to generate), over the context of {context}"
+                    f"{what} take {image_tokens} tokens; with the text that is {len(ids)} prompt tokens "
+                    f"(+{reserve} to generate), over the context of {context}"
                 )
             budget -= 1
         if max_tiles is None and budget < self.tiles.max_tiles:
-            print(
-                f"nanovl: note: up to {budget} tiles per image to fit {len(images)} images in the context",
-                file=sys.stderr,
-            )
+            n = kinds.count("image")
+            print(f"nanovl: note: up to {budget} tiles per image to fit {n} images in the context", file=sys.stderr)
 
-        pixels = torch.cat([make_tiles(im, self.tiles, p) for im, p in zip(images, plans)])
+        pixels = torch.cat(
+            [
+                make_tiles(im, self.tiles, p)
+                for m, ps in zip(media, plans)
+                for im, p in zip(m.frames if isinstance(m, Video) else [m], ps)
+            ]
+        )
         features = self.encode_tiles(pixels)
         ids_t = torch.tensor(ids)
         with torch.inference_mode():
             text_embeds = self.model.embed(ids_t[None])[0]
             embeds = merge_embeddings(text_embeds, ids_t, self.context_id, features.flatten(0, 1))
-        return ImagePrompt(ids, embeds, plans, features)
+        return ImagePrompt(ids, embeds, [p for ps in plans for p in ps], features)
+
+    def plan(self, image: Image.Image, budget: int) -> TilePlan:
+        return plan_tiles(self.tiles, *image.size, max_tiles=budget)
+
+    def item_text(self, item, plans: list[TilePlan]) -> str:
+        if isinstance(item, Video):
+            return video_text(self.vlm.image_text(plans[0]), item.timestamps, len(item.frames))
+        return self.vlm.image_text(plans[0])
 
     @torch.inference_mode()
     def encode_tiles(self, pixels: torch.Tensor) -> torch.Tensor:
         """(tiles, 3, S, S) -> post-projector embeddings (tiles, tokens, hidden), a chunk at a time."""
         return torch.cat([self.vlm.encode_images(chunk) for chunk in pixels.split(ENCODE_CHUNK)])
 
-    def stream(self, inputs, question: str, pages=None, max_tiles=None, dpi=DEFAULT_DPI, system=None, **sampling):
+    def stream(
+        self,
+        inputs,
+        question: str,
+        pages=None,
+        max_tiles=None,
+        dpi=DEFAULT_DPI,
+        system=None,
+        frames=None,
+        fps=None,
+        **sampling,
+    ):
         params = self.params(**sampling)
-        prompt = self.prepare(self.load_images(inputs, pages, dpi), question, max_tiles, system, params.max_new_tokens)
+        media = self.load_images(inputs, pages, dpi, frames=frames, fps=fps)
+        prompt = self.prepare(media, question, max_tiles, system, params.max_new_tokens)
         for d in stream(self.model, self.tokenizer, [prompt.ids], params, embeds=[prompt.embeds]):
             if d.text:
                 yield d.text
 
-    def ask(self, inputs, question: str, pages=None, max_tiles=None, dpi=DEFAULT_DPI, system=None, **sampling):
+    def ask(
+        self,
+        inputs,
+        question: str,
+        pages=None,
+        max_tiles=None,
+        dpi=DEFAULT_DPI,
+        system=None,
+        frames=None,
+        fps=None,
+        **sampling,
+    ):
         params = self.params(**sampling)
-        prompt = self.prepare(self.load_images(inputs, pages, dpi), question, max_tiles, system, params.max_new_tokens)
+        media = self.load_images(inputs, pages, dpi, frames=frames, fps=fps)
+        prompt = self.prepare(media, question, max_tiles, system, params.max_new_tokens)
         return generate(self.model, self.tokenizer, [prompt.ids], params, embeds=[prompt.embeds])[0]
 
 

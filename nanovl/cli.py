@@ -15,6 +15,8 @@ def add_document_args(p: argparse.ArgumentParser):
     p.add_argument("--pages", help="PDF pages, e.g. 1-3,7 (default: all)")
     p.add_argument("--dpi", type=float, default=DEFAULT_DPI, help=f"PDF render resolution (default {DEFAULT_DPI})")
     p.add_argument("--max-tiles", type=int, help="tile budget per image (default: the checkpoint's)")
+    p.add_argument("--frames", type=int, help="video: this many frames, evenly spread (default 8)")
+    p.add_argument("--fps", type=float, help="video: one frame every 1/FPS seconds (capped at 64 frames)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser):
@@ -177,12 +179,12 @@ def cmd_ask(args):
     model = nanovl.load(args.model, args.dtype)
     if not isinstance(model, VisionLanguageModel):
         raise NanovlError(f"{args.model} is a text-only model; `ask` needs a vision-language checkpoint")
-    images = model.load_images(files, args.pages, args.dpi)
+    images = model.load_images(files, args.pages, args.dpi, frames=args.frames, fps=args.fps)
     params = model.params(**sampling_kwargs(args))
     prompt = model.prepare(images, question, args.max_tiles, system_prompt(args), params.max_new_tokens)
     if args.stats:
         tiles = sum(p.tiles for p in prompt.plans)
-        print(f"[{len(images)} image(s), {tiles} tiles, {len(prompt.ids)} prompt tokens]", file=sys.stderr)
+        print(f"[{len(images)} input(s), {tiles} tiles, {len(prompt.ids)} prompt tokens]", file=sys.stderr)
     deltas = stream(model.model, model.tokenizer, [prompt.ids], params, embeds=[prompt.embeds])
     write_stream(deltas, len(prompt.ids), args, opens_thinking(model.tokenizer, prompt.ids))
 
@@ -246,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ask", help="ask a question about images and PDFs, streaming the answer")
     p.add_argument("--model", required=True, help="vision-language checkpoint folder (Hugging Face layout)")
-    p.add_argument("inputs", nargs="+", metavar="FILE ... QUESTION", help="images / PDFs, then the question")
+    p.add_argument("inputs", nargs="+", metavar="FILE ... QUESTION", help="images / PDFs / videos, then the question")
     add_document_args(p)
     p.add_argument("--system", help="system prompt")
     add_reasoning_args(p)

@@ -17,6 +17,7 @@ import base64
 import binascii
 import io
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -167,3 +168,84 @@ def load_document(src, pages: str | None = None, dpi: float = DEFAULT_DPI, max_p
         return load_pdf(data, name, pages, dpi, max_pixels)
     parse_pages(pages, 1)  # an image is a one-page document: "1" selects it, "2" is out of range
     return [decode_image(data, name, max_pixels)]
+
+
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".ts", ".gif.mp4")
+MAX_FRAMES = 64
+
+
+@dataclass
+class Video:
+    """Frames sampled from a video, with the time (seconds) each was shown at, when known."""
+
+    frames: list[Image.Image]
+    timestamps: list[float] | None
+    name: str
+
+
+def is_video(src) -> bool:
+    return isinstance(src, (str, Path)) and str(src).lower().endswith(VIDEO_SUFFIXES)
+
+
+def sample_times(duration: float, src_fps: float, frames: int | None, fps: float | None, cap: int) -> list[float]:
+    """Times to take frames at: `frames` spread evenly from the first to the last frame, or one every
+    1/`fps` seconds from 0; never more than `cap` (then spread evenly). Default: 8 frames."""
+    last = max(duration - 1.0 / src_fps, 0.0) if src_fps else duration
+    if src_fps:  # never more often than the video has frames
+        fps = min(fps, src_fps) if fps else None
+        frames = min(frames or 8, max(round(duration * src_fps), 1))
+    if fps:
+        times = [i / fps for i in range(int(last * fps + 1e-9) + 1)]
+        if len(times) <= cap:
+            return times
+        frames = cap
+    n = min(frames or 8, cap)
+    return [last * i / (n - 1) if n > 1 else 0.0 for i in range(n)]
+
+
+def load_video(
+    src, frames: int | None = None, fps: float | None = None, cap: int = MAX_FRAMES, max_pixels: int = MAX_PIXELS
+) -> Video:
+    """Decode with PyAV and keep, for each sample time, the first frame shown at or after it."""
+    try:
+        import av
+    except ImportError:
+        raise MediaError("video input needs PyAV: pip install 'nanovl[video]'") from None
+    if frames is not None and frames < 1 or fps is not None and fps <= 0:
+        raise MediaError("--frames must be >= 1 and --fps > 0")
+    data, name = read_source(src, "video")
+    try:
+        container = av.open(io.BytesIO(data))
+    except (av.FFmpegError, ValueError, OSError) as e:
+        raise MediaError(f"{name}: not a video PyAV can read ({e})") from None
+    with container:
+        if not container.streams.video:
+            raise MediaError(f"{name}: the file has no video stream")
+        stream = container.streams.video[0]
+        src_fps = float(stream.average_rate or 0) or None
+        if stream.duration and stream.time_base:
+            duration = float(stream.duration * stream.time_base)
+        elif container.duration:
+            duration = container.duration / 1e6
+        else:
+            duration = 0.0
+        wanted = sample_times(duration, src_fps or 0.0, frames, fps, cap)
+        picked: list[Image.Image] = []
+        times: list[float] = []
+        eps = 0.5 / src_fps if src_fps else 1e-3  # a frame shown within half a period counts as on time
+        try:
+            for frame in container.decode(stream):
+                if frame.width * frame.height > max_pixels:
+                    raise MediaError(f"{name}: {frame.width}x{frame.height} frames exceed the pixel limit")
+                t = float(frame.time) if frame.time is not None else len(times) / (src_fps or 1.0)
+                while len(picked) < len(wanted) and t >= wanted[len(picked)] - eps:
+                    picked.append(frame.to_image().convert("RGB"))
+                    times.append(round(t, 6))
+                if len(picked) == len(wanted):
+                    break
+        except av.FFmpegError as e:
+            if not picked:
+                raise MediaError(f"{name}: corrupt video ({e})") from None
+    if not picked:
+        raise MediaError(f"{name}: no decodable frames")
+    return Video(picked, times, name)
