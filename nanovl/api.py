@@ -157,7 +157,11 @@ class TextModel:
             if d.text:
                 yield d.text
 
-    def chat(self, messages: list[dict], **sampling) -> Completion:
+    def chat(self, messages: list[dict], think: bool | None = None, **sampling) -> Completion:
+        if think is not None:
+            system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
+            rest = messages[1:] if system is not None else messages
+            messages = [{"role": "system", "content": reasoning_system(system, think)}, *rest]
         ids = self.tokenizer.encode_chat(messages)
         return generate(self.model, self.tokenizer, [ids], self.params(**sampling))[0]
 
@@ -272,41 +276,35 @@ class VisionLanguageModel(TextModel):
         """(tiles, 3, S, S) -> post-projector embeddings (tiles, tokens, hidden), a chunk at a time."""
         return torch.cat([self.vlm.encode_images(chunk) for chunk in pixels.split(ENCODE_CHUNK)])
 
-    def stream(
-        self,
-        inputs,
-        question: str,
-        pages=None,
-        max_tiles=None,
-        dpi=DEFAULT_DPI,
-        system=None,
-        frames=None,
-        fps=None,
-        **sampling,
-    ):
+    def _request(self, inputs, question, pages, max_tiles, dpi, system, frames, fps, think, sampling):
         params = self.params(**sampling)
         media = self.load_images(inputs, pages, dpi, frames=frames, fps=fps)
-        prompt = self.prepare(media, question, max_tiles, system, params.max_new_tokens)
+        prompt = self.prepare(media, question, max_tiles, reasoning_system(system, think), params.max_new_tokens)
+        return prompt, params
+
+    def stream(self, inputs, question: str, pages=None, max_tiles=None, dpi=DEFAULT_DPI, system=None,
+               frames=None, fps=None, think=None, **sampling) -> Iterator[str]:  # fmt: skip
+        """Text pieces of the answer as they are generated; arguments as for `ask`."""
+        prompt, params = self._request(inputs, question, pages, max_tiles, dpi, system, frames, fps, think, sampling)
         for d in stream(self.model, self.tokenizer, [prompt.ids], params, embeds=[prompt.embeds]):
             if d.text:
                 yield d.text
 
-    def ask(
-        self,
-        inputs,
-        question: str,
-        pages=None,
-        max_tiles=None,
-        dpi=DEFAULT_DPI,
-        system=None,
-        frames=None,
-        fps=None,
-        **sampling,
-    ):
-        params = self.params(**sampling)
-        media = self.load_images(inputs, pages, dpi, frames=frames, fps=fps)
-        prompt = self.prepare(media, question, max_tiles, system, params.max_new_tokens)
+    def ask(self, inputs, question: str, pages=None, max_tiles=None, dpi=DEFAULT_DPI, system=None,
+            frames=None, fps=None, think=None, **sampling) -> Completion:  # fmt: skip
+        """One completion about images / PDFs / videos (paths, bytes, data: URLs or PIL images).
+        pages/dpi: PDF pages and render resolution; max_tiles: per-image budget; frames/fps: video
+        sampling; think=True|False adds /think or /no_think to the system prompt of reasoning models,
+        whose completion then has .reasoning and .answer; sampling: SamplingParams fields."""
+        prompt, params = self._request(inputs, question, pages, max_tiles, dpi, system, frames, fps, think, sampling)
         return generate(self.model, self.tokenizer, [prompt.ids], params, embeds=[prompt.embeds])[0]
+
+
+def reasoning_system(system: str | None, think: bool | None) -> str | None:
+    """The system prompt with /think or /no_think on its first line (reasoning models); None: as given."""
+    if think is None:
+        return system
+    return "\n".join(x for x in ("/think" if think else "/no_think", system) if x)
 
 
 def load(model_dir: str | Path, dtype: str | None = None, **options) -> TextModel | VisionLanguageModel:

@@ -78,9 +78,9 @@ def add_reasoning_args(p: argparse.ArgumentParser):
 
 def system_prompt(args) -> str | None:
     """--system, with /think or /no_think on its first line when asked for."""
-    flag = "/think" if args.think else "/no_think" if args.no_think else None
-    parts = [x for x in (flag, args.system) if x]
-    return "\n".join(parts) or None
+    from nanovl.api import reasoning_system
+
+    return reasoning_system(args.system, True if args.think else False if args.no_think else None)
 
 
 def write_stream(deltas, prompt_tokens: int, args, thinking_at_start: bool = False) -> str:

@@ -40,3 +40,18 @@ def test_stream_matches_whole_split_at_any_chunking(text):
         assert (got_r.strip() if want_reasoning is not None else None) == (
             want_reasoning if want_reasoning is None else want_reasoning.strip()
         )
+
+
+def test_think_switch_reaches_the_prompt(tiny_v2):
+    import nanovl
+
+    m = nanovl.load(tiny_v2, dtype="float32")
+    from PIL import Image
+
+    page = Image.new("RGB", (300, 200), "white")
+    off = m.prepare(m.load_images(page), "Q", system=nanovl.api.reasoning_system(None, False))
+    on = m.prepare(m.load_images(page), "Q", system=nanovl.api.reasoning_system("Be brief.", True))
+    assert m.tokenizer.decode(off.ids).endswith("<think></think>")  # the template closes it for /no_think
+    assert "System\n/think\nBe brief.\n" in m.tokenizer.decode(on.ids)
+    c = m.ask(page, "Q", think=True, max_new_tokens=4)
+    assert c.answer == c.text or c.reasoning is not None
