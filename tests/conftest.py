@@ -39,3 +39,27 @@ def tiny_nvlm(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_v2(tmp_path_factory):
     return write_checkpoint("nemotron-nano-vl-v2", tmp_path_factory.mktemp("tiny-nano-vl-v2"), seed=5)
+
+
+def reference_parts(checkpoint, tmp_path, llm_class):
+    """A tiny RADIO-based VLM checkpoint split into transformers references on the same tensors:
+    (config, state, RadioModel, the LLM). The RADIO and LLM tensors keep their release names."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+    from transformers import RadioConfig, RadioModel
+
+    cfg = json.loads((checkpoint / "config.json").read_text())
+    state = load_file(checkpoint / "model.safetensors")
+    v = cfg["vision_config"]
+    radio_dir, llm_dir = tmp_path / "radio", tmp_path / "llm"
+    sizes = {k: v[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads")}
+    RadioConfig(
+        **sizes, patch_size=16, max_img_size=2048, num_cls_tokens=4, num_registers=4, summary_idxs=[0, 1, 2]
+    ).save_pretrained(radio_dir)
+    part = lambda prefix: {k[len(prefix) :]: t for k, t in state.items() if k.startswith(prefix)}  # noqa: E731
+    save_file(part("vision_model."), radio_dir / "model.safetensors")
+    llm_dir.mkdir()
+    (llm_dir / "config.json").write_text(json.dumps(cfg["llm_config"]))
+    save_file(part("language_model."), llm_dir / "model.safetensors")
+    return cfg, state, RadioModel.from_pretrained(radio_dir).eval(), llm_class.from_pretrained(llm_dir).eval()

@@ -1,12 +1,11 @@
 """The vision-language models end to end on tiny random checkpoints."""
 
-import json
 
 import pytest
 import torch
+from conftest import reference_parts
 from PIL import Image
-from safetensors.torch import load_file, save_file
-from transformers import LlamaForCausalLM, RadioConfig, RadioModel
+from transformers import LlamaForCausalLM
 
 import nanovl
 from nanovl.api import VisionLanguageModel
@@ -40,32 +39,8 @@ def shuffle_reference(feats):
 def test_nano_vl_v1_matches_a_reference_pipeline(v1, tiny_v1, tmp_path):
     """RADIO (transformers) -> pixel shuffle (from its definition) -> mlp1 (torch.nn) -> Llama
     (transformers) on the same checkpoint tensors gives the logits nanovl gives."""
-    cfg = json.loads((tiny_v1 / "config.json").read_text())
-    state = load_file(tiny_v1 / "model.safetensors")
+    cfg, state, radio, llm = reference_parts(tiny_v1, tmp_path, LlamaForCausalLM)
     v = cfg["vision_config"]
-    radio_dir, llm_dir = tmp_path / "radio", tmp_path / "llm"
-    RadioConfig(
-        hidden_size=v["hidden_size"],
-        num_hidden_layers=v["num_hidden_layers"],
-        num_attention_heads=v["num_attention_heads"],
-        patch_size=16,
-        max_img_size=2048,
-        num_cls_tokens=4,
-        num_registers=4,
-        summary_idxs=[0, 1, 2],
-    ).save_pretrained(radio_dir)
-    save_file(
-        {k[len("vision_model.") :]: t for k, t in state.items() if k.startswith("vision_model.")},
-        radio_dir / "model.safetensors",
-    )
-    llm_dir.mkdir()
-    (llm_dir / "config.json").write_text(json.dumps(cfg["llm_config"]))
-    save_file(
-        {k[len("language_model.") :]: t for k, t in state.items() if k.startswith("language_model.")},
-        llm_dir / "model.safetensors",
-    )
-    radio = RadioModel.from_pretrained(radio_dir).eval()
-    llm = LlamaForCausalLM.from_pretrained(llm_dir).eval()
     mlp1 = torch.nn.Sequential(
         torch.nn.LayerNorm(4 * v["hidden_size"]),
         torch.nn.Linear(4 * v["hidden_size"], 64),

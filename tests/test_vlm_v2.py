@@ -8,12 +8,11 @@ layers (V2's has none, nor does this config); omni's RADIO carries a video patch
 omni's projector RMSNorm multiplies its weight in fp32 (identical in this fp32 test).
 """
 
-import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-from transformers import NemotronHForCausalLM, RadioConfig, RadioModel
+from conftest import reference_parts
+from transformers import NemotronHForCausalLM
 from transformers.models.nemotron_h_omni.modeling_nemotron_h_omni import (
     NemotronH_Omni_Reasoning_V3,
     NemotronH_Omni_Reasoning_V3MultiModalProjector,
@@ -29,31 +28,9 @@ def v2(tiny_v2):
 
 
 def test_v2_matches_nemotron_h_omni_pieces(v2, tiny_v2, tmp_path):
-    cfg = json.loads((tiny_v2 / "config.json").read_text())
-    state = load_file(tiny_v2 / "model.safetensors")
+    cfg, state, radio, llm = reference_parts(tiny_v2, tmp_path, NemotronHForCausalLM)
     v = cfg["vision_config"]
-    radio_dir, llm_dir = tmp_path / "radio", tmp_path / "llm"
-    RadioConfig(
-        hidden_size=v["hidden_size"],
-        num_hidden_layers=v["num_hidden_layers"],
-        num_attention_heads=v["num_attention_heads"],
-        patch_size=16,
-        max_img_size=2048,
-        num_cls_tokens=4,
-        num_registers=4,
-        summary_idxs=[0, 1, 2],
-    ).save_pretrained(radio_dir)
-    radio_state = {k[len("vision_model.") :]: t for k, t in state.items() if k.startswith("vision_model.")}
-    save_file(radio_state, radio_dir / "model.safetensors")
-    llm_dir.mkdir()
-    (llm_dir / "config.json").write_text(json.dumps(cfg["llm_config"]))
-    save_file(
-        {k[len("language_model.") :]: t for k, t in state.items() if k.startswith("language_model.")},
-        llm_dir / "model.safetensors",
-    )
-    radio = RadioModel.from_pretrained(radio_dir).eval()
     radio.make_preprocessor_external()  # as omni and V2: the processor normalises
-    llm = NemotronHForCausalLM.from_pretrained(llm_dir).eval()
     width = 4 * v["hidden_size"]
     proj = NemotronH_Omni_Reasoning_V3MultiModalProjector(
         width, cfg["projector_hidden_size"], cfg["llm_config"]["hidden_size"]
