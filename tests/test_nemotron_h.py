@@ -103,3 +103,31 @@ def test_mamba_state_is_constant_in_context(pair):
     _, ours, _ = pair
     small, large = ours.make_cache(1, 64), ours.make_cache(1, 4096)
     assert small.conv.shape == large.conv.shape and small.ssm.shape == large.ssm.shape
+
+
+def test_long_scans_go_in_segments_with_the_same_result():
+    from nanovl.models.nemotron_h import ssd_scan
+
+    g = torch.Generator().manual_seed(0)
+    b, T, h, p, n = 2, 300, 4, 8, 16
+    x, B, C = (
+        torch.randn(b, T, h, p, generator=g),
+        torch.randn(b, T, h, n, generator=g),
+        torch.randn(b, T, h, n, generator=g),
+    )
+    dt = torch.rand(b, T, h, generator=g) * 0.5
+    A = -torch.linspace(0.5, 2.0, h)
+    state = torch.randn(b, h, p, n, generator=g)
+    whole, s1 = ssd_scan(x, dt, A, B, C, chunk=8, state=state, segment=1000)
+    parts, s2 = ssd_scan(x, dt, A, B, C, chunk=8, state=state, segment=3)
+    assert torch.allclose(whole, parts, atol=1e-4) and torch.allclose(s1, s2, atol=1e-4)
+    # and both equal the plain recurrence, step by step
+    s = state.clone()
+    ys = []
+    for t in range(T):
+        s = (
+            s * torch.exp(dt[:, t] * A)[..., None, None]
+            + (x[:, t] * dt[:, t, :, None])[..., None] * B[:, t, :, None, :]
+        )
+        ys.append(torch.einsum("bhpn,bhn->bhp", s, C[:, t]))
+    assert torch.allclose(whole, torch.stack(ys, 1), atol=1e-3) and torch.allclose(s1, s, atol=1e-3)

@@ -1,6 +1,5 @@
 """The vision-language models end to end on tiny random checkpoints."""
 
-
 import pytest
 import torch
 from conftest import reference_parts

@@ -8,7 +8,6 @@ layers (V2's has none, nor does this config); omni's RADIO carries a video patch
 omni's projector RMSNorm multiplies its weight in fp32 (identical in this fp32 test).
 """
 
-
 import pytest
 import torch
 from conftest import reference_parts

@@ -67,10 +67,26 @@ def segment_sums(a: torch.Tensor) -> torch.Tensor:
     return sums.masked_fill(~torch.tril(torch.ones(L, L, dtype=torch.bool, device=a.device)), float("-inf"))
 
 
-def ssd_scan(x, dt, A, B, C, chunk: int, state=None):
+SEGMENT_CHUNKS = 16  # chunks scanned at once: bounds the (chunks, heads, chunk, chunk) decay tensors
+
+
+def ssd_scan(x, dt, A, B, C, chunk: int, state=None, segment: int = SEGMENT_CHUNKS):
     """The SSM over a sequence, chunk by chunk. x: (b, T, h, p); dt: (b, T, h) after softplus;
     A: (h,) negative; B, C: (b, T, h, n) (already one per head); state: (b, h, p, n) or None.
-    Returns y (b, T, h, p) without the D skip, and the final state (b, h, p, n). All fp32."""
+    Returns y (b, T, h, p) without the D skip, and the final state (b, h, p, n). All fp32.
+    Long sequences go `segment` chunks at a time, the state carried across, so memory stays flat."""
+    step = segment * chunk
+    if x.shape[1] > step:
+        ys = []
+        for i in range(0, x.shape[1], step):
+            part = slice(i, i + step)
+            y, state = _ssd_scan(x[:, part], dt[:, part], A, B[:, part], C[:, part], chunk, state)
+            ys.append(y)
+        return torch.cat(ys, dim=1), state
+    return _ssd_scan(x, dt, A, B, C, chunk, state)
+
+
+def _ssd_scan(x, dt, A, B, C, chunk: int, state=None):
     b, T, h, p = x.shape
     n = B.shape[-1]
     pad = (-T) % chunk  # zero-padding: dt = 0 neither decays the state nor feeds it
