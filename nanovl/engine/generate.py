@@ -49,7 +49,7 @@ class TokenGenerator:
         if embeds is not None and [len(e) for e in embeds] != [len(p) for p in prompts]:
             raise ValueError("each prompt needs one embedding row per token")
         self.prompts, self.embeds = prompts, embeds
-        self.eos_ids = set(eos_ids) | set(params.stop_token_ids)
+        self.eos_ids = (set() if params.ignore_eos else set(eos_ids)) | set(params.stop_token_ids)
         self.max_new = min(params.max_new_tokens, self.context_len - longest)
         self.finish_reason: list[str | None] = [None] * len(prompts)
         self.output_ids: list[list[int]] = [[] for _ in prompts]
@@ -128,7 +128,8 @@ class Delta:
     index: int  # which prompt of the batch
     text: str
     token_id: int | None
-    finish_reason: str | None = None  # "stop" | "length" on the row's last delta
+    finish_reason: str | None = None  # "stop" | "length" (| "cancelled" | "timeout" in the server) at the end
+    logprobs: dict | None = None  # {"token", "logprob", "top": [(id, logprob), ...]} when asked for
 
 
 @dataclass
@@ -149,29 +150,41 @@ class Completion:
         return split_reasoning(self.text)[1]
 
 
+class StopText:
+    """One row's text: incremental detokenisation and stop strings cut exactly. Text that could be the
+    start of a stop string is held back until it is known not to be one."""
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self.decoder = tokenizer.decode_stream(skip_special_tokens=True)
+        self.stop, self.held = stop, ""
+        self.keep = max((len(s) for s in stop), default=1) - 1
+
+    def push(self, token: int, last: bool) -> tuple[str, bool]:
+        """The text this token releases, and whether a stop string ended the row here."""
+        self.held += self.decoder.step(token)
+        if last:
+            self.held += self.decoder.finish()
+        cut = min((j for j in (self.held.find(s) for s in self.stop) if j >= 0), default=-1)
+        if cut >= 0:
+            text, self.held = self.held[:cut], ""
+            return text, True
+        split = len(self.held) if last else max(len(self.held) - self.keep, 0)
+        text, self.held = self.held[:split], self.held[split:]
+        return text, False
+
+
 def stream(
     model, tokenizer, prompts: list[list[int]], params: SamplingParams, context_len=None, embeds=None
 ) -> Iterator[Delta]:
     gen = TokenGenerator(model, prompts, params, tokenizer.eos_token_ids, context_len, embeds)
-    decoders = [tokenizer.decode_stream(skip_special_tokens=True) for _ in prompts]
-    held = [""] * len(prompts)  # text that may be the start of a stop string
-    keep = max((len(s) for s in params.stop), default=1) - 1
+    rows = [StopText(tokenizer, params.stop) for _ in prompts]
     for tokens in gen:
         for i, t in enumerate(tokens):
             if t is None:
                 continue
-            held[i] += decoders[i].step(t)
-            if gen.finish_reason[i] is not None:
-                held[i] += decoders[i].finish()
-            cut = min((j for j in (held[i].find(s) for s in params.stop) if j >= 0), default=-1)
-            if cut >= 0:
+            text, stopped = rows[i].push(t, gen.finish_reason[i] is not None)
+            if stopped:
                 gen.stop(i, "stop")
-                text, held[i] = held[i][:cut], ""
-            elif gen.finish_reason[i] is not None:
-                text, held[i] = held[i], ""
-            else:
-                split = max(len(held[i]) - keep, 0)
-                text, held[i] = held[i][:split], held[i][split:]
             yield Delta(i, text, t, gen.finish_reason[i])
 
 

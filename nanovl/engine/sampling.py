@@ -24,6 +24,7 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: list[int] = field(default_factory=list)
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # keep going past end-of-sequence tokens (benchmarks, tests)
 
     def __post_init__(self):
         if isinstance(self.stop, str):

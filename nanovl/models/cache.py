@@ -31,6 +31,9 @@ class KVCache:
         self.v[layer, :, :, self.pos : end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def advance(self, n: int):
+        self.pos += n
+
     @property
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
@@ -64,6 +67,93 @@ class HybridCache:
     def update(self, layer: int, k, v):
         return self.kv.update(self.kv_slot[layer], k, v)
 
+    def advance(self, n: int):
+        self.kv.pos += n
+
+    def mamba_state(self, layer: int):
+        """(conv state (B, conv_dim, kernel-1), SSM state (B, heads, head_dim, state)) of a Mamba layer."""
+        j = self.mamba_slot[layer]
+        return self.conv[j], self.ssm[j]
+
+    def set_mamba_state(self, layer: int, conv, ssm):
+        j = self.mamba_slot[layer]
+        self.conv[j], self.ssm[j] = conv, ssm
+
     @property
     def nbytes(self) -> int:
         return self.kv.nbytes + self.conv.numel() * self.conv.element_size() + self.ssm.numel() * 4
+
+
+class SlotCache:
+    """Continuous batching: each request owns a slot of fixed capacity, with its own length; a forward
+    runs on the slots in `rows` (set with `use`), each at its own position. Serves Llama-style models
+    (every layer attends) and Nemotron-H (attention and Mamba layers by the pattern)."""
+
+    def __init__(self, cfg, slots: int, max_len: int, dtype, device=None):
+        pattern = getattr(cfg, "pattern", "*" * cfg.num_hidden_layers)
+        attn = [i for i, c in enumerate(pattern) if c == "*"]
+        mamba = [i for i, c in enumerate(pattern) if c == "M"]
+        self.kv_slot = {layer: j for j, layer in enumerate(attn)}
+        self.mamba_slot = {layer: j for j, layer in enumerate(mamba)}
+        shape = (len(attn), slots, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        if mamba:
+            conv_dim = cfg.mamba_num_heads * cfg.mamba_head_dim + 2 * cfg.n_groups * cfg.ssm_state_size
+            self.conv = torch.zeros(len(mamba), slots, conv_dim, cfg.conv_kernel - 1, dtype=dtype, device=device)
+            heads = (cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size)
+            self.ssm = torch.zeros(len(mamba), slots, *heads, device=device)
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
+        self.max_len = max_len
+        self.rows = torch.zeros(0, dtype=torch.long, device=device)
+
+    def use(self, rows: list[int]):
+        self.rows = torch.tensor(rows, dtype=torch.long, device=self.lengths.device)
+
+    def reset(self, slot: int):
+        self.lengths[slot] = 0
+        if self.mamba_slot:
+            self.conv[:, slot] = 0
+            self.ssm[:, slot] = 0
+
+    def positions(self, T: int) -> torch.Tensor:
+        """(B, T) positions of the next T tokens of each row."""
+        return self.lengths[self.rows][:, None] + torch.arange(T, device=self.lengths.device)
+
+    def attention_mask(self, T: int) -> torch.Tensor:
+        """(B, 1, T, S) bool: each row's own keys, causally, up to the longest row."""
+        ends = self.lengths[self.rows] + T  # (B,)
+        S = int(ends.max())
+        if S > self.max_len:
+            raise RuntimeError(f"slot overflow: {S} > {self.max_len}")
+        keys = torch.arange(S, device=ends.device)
+        queries = self.positions(T)  # (B, T)
+        return (keys[None, None, :] <= queries[:, :, None])[:, None]
+
+    def update(self, layer: int, k, v):
+        # k, v: (B, Hkv, T, D) for the rows -> their keys / values (B, Hkv, S, D)
+        j, T = self.kv_slot[layer], k.shape[2]
+        pos = self.positions(T)  # (B, T)
+        self.k[j][self.rows[:, None], :, pos] = k.transpose(1, 2)
+        self.v[j][self.rows[:, None], :, pos] = v.transpose(1, 2)
+        S = int((self.lengths[self.rows] + T).max())
+        return self.k[j][self.rows, :, :S], self.v[j][self.rows, :, :S]
+
+    def advance(self, n: int):
+        self.lengths[self.rows] += n
+
+    def mamba_state(self, layer: int):
+        j = self.mamba_slot[layer]
+        return self.conv[j][self.rows], self.ssm[j][self.rows]
+
+    def set_mamba_state(self, layer: int, conv, ssm):
+        j = self.mamba_slot[layer]
+        self.conv[j][self.rows] = conv
+        self.ssm[j][self.rows] = ssm
+
+    @property
+    def nbytes(self) -> int:
+        total = 2 * self.k.numel() * self.k.element_size()
+        if self.mamba_slot:
+            total += self.conv.numel() * self.conv.element_size() + self.ssm.numel() * 4
+        return total

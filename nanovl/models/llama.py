@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from nanovl.config import TextConfig
-from nanovl.models.cache import KVCache
+from nanovl.models.cache import KVCache, SlotCache
 from nanovl.models.layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding
 
 
@@ -71,6 +71,9 @@ class LlamaForCausalLM(nn.Module):
     def make_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache.for_model(self.config, batch, max_len, self.dtype, self.device)
 
+    def make_slot_cache(self, slots: int, max_len: int) -> SlotCache:
+        return SlotCache(self.config, slots, max_len, self.dtype, self.device)
+
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(tokens)  # (B, T, C)
 
@@ -80,14 +83,14 @@ class LlamaForCausalLM(nn.Module):
         unused here (positions and `mask` already hide padding). Returns logits (B, T or 1, V)."""
         x = self.embed(tokens) if embeds is None else embeds
         B, T, _ = x.shape
-        start = cache.pos if cache is not None else 0
         if positions is None:
+            start = cache.pos if cache is not None else 0
             positions = torch.arange(start, start + T, device=x.device).expand(B, T)
         cos, sin = self.model.rotary(positions, x.dtype)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, cache, i, mask)
         if cache is not None:
-            cache.pos += T
+            cache.advance(T)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x))

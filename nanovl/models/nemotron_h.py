@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanovl.config import NemotronHConfig
-from nanovl.models.cache import HybridCache
+from nanovl.models.cache import HybridCache, SlotCache
 from nanovl.models.layers import causal_mask
 
 
@@ -145,11 +145,10 @@ class Mamba2Mixer(nn.Module):
         z, xBC, dt = self.in_proj(hidden).split([self.d_inner, self.conv_dim, self.heads], dim=-1)
 
         # depthwise causal conv over time, continuing from the cached last kernel-1 inputs
-        slot = cache.mamba_slot[self.layer] if cache is not None else None
-        history = cache.conv[slot] if cache is not None else xBC.new_zeros(bsz, self.conv_dim, self.kernel - 1)
+        history, state = cache.mamba_state(self.layer) if cache is not None else (None, None)
+        if history is None:
+            history = xBC.new_zeros(bsz, self.conv_dim, self.kernel - 1)
         window = torch.cat([history, xBC.transpose(1, 2)], dim=-1)  # (b, conv_dim, kernel-1 + T)
-        if cache is not None:
-            cache.conv[slot] = window[:, :, -(self.kernel - 1) :]
         xBC = F.silu(F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)).transpose(1, 2)
         if valid is not None:
             xBC = xBC * valid[..., None].to(xBC.dtype)
@@ -161,7 +160,6 @@ class Mamba2Mixer(nn.Module):
         per_group = self.heads // self.groups
         B = B.float().view(bsz, T, self.groups, self.state).repeat_interleave(per_group, dim=2)  # (b, T, h, n)
         C = C.float().view(bsz, T, self.groups, self.state).repeat_interleave(per_group, dim=2)
-        state = cache.ssm[slot] if cache is not None else None
         if T == 1 and state is not None:  # decode: one step of the recurrence
             s = (
                 state * torch.exp(dt[:, 0] * A)[..., None, None]
@@ -171,7 +169,7 @@ class Mamba2Mixer(nn.Module):
         else:
             y, s = ssd_scan(x, dt, A, B, C, self.chunk, state)
         if cache is not None:
-            cache.ssm[slot] = s
+            cache.set_mamba_state(self.layer, window[:, :, -(self.kernel - 1) :], s)
         y = y + x * self.D.float()[:, None]
         y = self.norm(y.reshape(bsz, T, self.d_inner).to(hidden.dtype), z)
         return self.out_proj(y)
@@ -264,6 +262,9 @@ class NemotronHForCausalLM(nn.Module):
     def make_cache(self, batch: int, max_len: int) -> HybridCache:
         return HybridCache(self.config, batch, max_len, self.dtype, self.device)
 
+    def make_slot_cache(self, slots: int, max_len: int) -> SlotCache:
+        return SlotCache(self.config, slots, max_len, self.dtype, self.device)
+
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.backbone.embeddings(tokens)
 
@@ -274,7 +275,7 @@ class NemotronHForCausalLM(nn.Module):
         for layer in self.backbone.layers:
             x = layer(x, cache, mask, valid)
         if cache is not None:
-            cache.pos += x.shape[1]
+            cache.advance(x.shape[1])
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.backbone.norm_f(x))

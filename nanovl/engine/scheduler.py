@@ -1,0 +1,237 @@
+"""Continuous batching: requests join and leave the running batch between decode steps.
+
+- Each admitted request owns a slot of a SlotCache (its own length and, for Nemotron-H, its own
+  Mamba state). A new request is prefilled alone into its slot, then decodes together with every
+  other active request: one batched forward per step, each row at its own position, masked to its
+  own keys.
+- Admission is bounded: at most `max_slots` running, at most `max_queue` waiting (`QueueFull` beyond),
+  and at most `prefill_budget` prompt tokens prefilled between two decode steps (at least one
+  request), so long prompts do not stall the running ones for long.
+- Each request samples with its own parameters and seeded generator, cuts its own stop strings, and
+  ends on end-of-sequence, a stop string, its token limit, the slot's capacity, its deadline, or
+  `cancel` (a disconnected client); its slot is freed at once.
+- Results go out through a callback, one `Delta` per token, so a server can forward them to an
+  event loop; `run` serves from a background thread, `close` finishes what is running.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from nanovl.engine.generate import Delta, StopText
+from nanovl.engine.sampling import SamplingParams, apply_repetition_penalty, sample
+from nanovl.errors import RequestError
+
+
+class QueueFull(RequestError):
+    """The waiting queue is full: try again later (HTTP 429)."""
+
+
+_ids = itertools.count()
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    params: SamplingParams
+    on_delta: Callable[[Delta], None]
+    embeds: torch.Tensor | None = None  # (len(prompt), hidden): prefill from these instead of the ids
+    top_logprobs: int | None = None  # None: no logprobs; 0: the chosen token's only
+    timeout: float | None = None  # seconds from submission
+    id: int = field(default_factory=lambda: next(_ids))
+    submitted: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+    output: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    first_token_at: float | None = None
+
+
+@dataclass
+class Row:
+    """A running request's decode state."""
+
+    req: Request
+    slot: int
+    text: StopText
+    generator: torch.Generator | None
+    seen: torch.Tensor | None  # (V,) bool for the repetition penalty
+    logits: torch.Tensor | None = None  # (V,) float32 for the next token
+
+
+class Scheduler:
+    def __init__(self, model, tokenizer, max_slots: int = 8, max_len: int | None = None, max_queue: int = 64,
+                 prefill_budget: int = 4096):  # fmt: skip
+        self.model, self.tokenizer = model, tokenizer
+        self.max_len = min(max_len or model.config.max_position_embeddings, model.config.max_position_embeddings)
+        self.cache = model.make_slot_cache(max_slots, self.max_len)
+        self.free = list(range(max_slots))
+        self.rows: dict[int, Row] = {}
+        self.waiting: deque[Request] = deque()
+        self.max_queue, self.prefill_budget = max_queue, prefill_budget
+        self.eos = set(tokenizer.eos_token_ids)
+        self.cond = threading.Condition()
+        self.closing = False
+        self.thread: threading.Thread | None = None
+        self.stats = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0, "cancelled": 0, "finished": 0}
+
+    # --- the outside world ------------------------------------------------------------------------
+    def submit(self, req: Request) -> Request:
+        if not req.prompt:
+            raise RequestError("the prompt is empty")
+        if len(req.prompt) >= self.max_len:
+            raise RequestError(
+                f"prompt is {len(req.prompt)} tokens, but the server's context is {self.max_len} tokens "
+                "(the prompt plus at least one new token must fit)"
+            )
+        with self.cond:
+            if self.closing:
+                raise QueueFull("the server is shutting down")
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are already waiting; try again later")
+            self.waiting.append(req)
+            self.stats["requests"] += 1
+            self.cond.notify()
+        return req
+
+    def cancel(self, req: Request):
+        req.cancelled = True  # seen between two steps; the slot is freed then
+        with self.cond:
+            self.cond.notify()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self.rows)
+
+    def run(self):
+        """Serve from a background thread until `close`."""
+        self.thread = threading.Thread(target=self._loop, name="nanovl-scheduler", daemon=True)
+        self.thread.start()
+
+    def close(self, timeout: float | None = None):
+        """Stop admitting, finish what is running and waiting, stop the thread."""
+        with self.cond:
+            self.closing = True
+            self.cond.notify()
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    def _loop(self):
+        while True:
+            with self.cond:
+                while not self.waiting and not self.rows and not self.closing:
+                    self.cond.wait()
+                if self.closing and not self.waiting and not self.rows:
+                    return
+            self.step()
+
+    # --- one step ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self):
+        """Admit and prefill what the budget allows, then one decode step for every running row."""
+        budget = self.prefill_budget
+        while self.free:
+            with self.cond:
+                if not self.waiting or (budget < len(self.waiting[0].prompt) and budget < self.prefill_budget):
+                    break
+                req = self.waiting.popleft()
+            budget -= len(req.prompt)
+            if req.cancelled:
+                self._finish_unstarted(req)
+                continue
+            self._prefill(req, self.free.pop())
+        for row in list(self.rows.values()):  # the first token of new rows, and expired / cancelled rows
+            if row.logits is not None and not row.req.output:
+                self._emit(row)
+        live = [r for r in self.rows.values() if r.req.finish_reason is None]
+        self._retire()
+        if not live:
+            return
+        self.cache.use([r.slot for r in live])
+        tokens = torch.tensor([[r.req.output[-1]] for r in live], device=self.model.device)
+        logits = self.model(tokens, self.cache.positions(1), self.cache, self.cache.attention_mask(1))[:, -1].float()
+        for r, lg in zip(live, logits):
+            r.logits = lg
+            self._emit(r)
+        self._retire()
+
+    def _prefill(self, req: Request, slot: int):
+        p = req.params
+        self.cache.reset(slot)
+        self.cache.use([slot])
+        device = self.model.device
+        ids = torch.tensor([req.prompt], device=device)
+        embeds = None if req.embeds is None else req.embeds[None].to(device, self.model.dtype)
+        positions, mask = self.cache.positions(len(req.prompt)), self.cache.attention_mask(len(req.prompt))
+        logits = self.model(ids, positions, self.cache, mask, embeds=embeds, last_only=True)[0, -1].float()
+        generator = None
+        if not p.greedy:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(p.seed if p.seed is not None else torch.seed())
+        seen = None
+        if p.repetition_penalty != 1.0:
+            seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
+            seen[ids[0]] = True
+        self.rows[slot] = Row(req, slot, StopText(self.tokenizer, p.stop), generator, seen, logits)
+        self.stats["prompt_tokens"] += len(req.prompt)
+
+    def _emit(self, row: Row):
+        """Sample the row's next token from row.logits and hand out its delta."""
+        req, p = row.req, row.req.params
+        if req.cancelled or (req.timeout is not None and time.monotonic() - req.submitted > req.timeout):
+            req.finish_reason = "cancelled" if req.cancelled else "timeout"
+            self.stats["cancelled"] += req.cancelled
+            req.on_delta(Delta(0, "", None, req.finish_reason))
+            return
+        logits = row.logits[None]
+        if row.seen is not None:
+            logits = apply_repetition_penalty(logits, row.seen[None], p.repetition_penalty)
+        token = int(sample(logits, p, row.generator)[0])
+        if row.seen is not None:
+            row.seen[token] = True
+        req.output.append(token)
+        req.first_token_at = req.first_token_at or time.monotonic()
+        self.stats["generated_tokens"] += 1
+        position = len(req.prompt) + len(req.output)
+        if (token in self.eos and not p.ignore_eos) or token in p.stop_token_ids:
+            req.finish_reason = "stop"
+        elif len(req.output) >= p.max_new_tokens or position >= self.max_len:
+            req.finish_reason = "length"
+        text, stopped = row.text.push(token, req.finish_reason is not None)
+        if stopped:
+            req.finish_reason = "stop"
+        delta = Delta(0, text, token, req.finish_reason)
+        if req.top_logprobs is not None:
+            delta.logprobs = _logprobs(row.logits, token, req.top_logprobs)
+        req.on_delta(delta)
+
+    def _retire(self):
+        for slot, row in list(self.rows.items()):
+            if row.req.finish_reason is not None:
+                del self.rows[slot]
+                self.free.append(slot)
+                self.stats["finished"] += 1
+
+    def _finish_unstarted(self, req: Request):
+        req.finish_reason = "cancelled"
+        self.stats["cancelled"] += 1
+        req.on_delta(Delta(0, "", None, "cancelled"))
+
+
+def _logprobs(logits: torch.Tensor, token: int, top: int) -> dict:
+    lp = torch.log_softmax(logits, dim=-1)
+    out = {"token": token, "logprob": float(lp[token])}
+    if top:
+        values, ids = lp.topk(top)
+        out["top"] = list(zip(ids.tolist(), values.tolist()))
+    return out
