@@ -216,6 +216,15 @@ class VisionLanguageModel(TextModel):
         stderr) until the prompt plus `reserve` new tokens fits the context; an explicit budget never
         changes, and a prompt that cannot fit is an error that gives the token counts. Each video
         frame is one tile."""
+        kinds = ["video" if isinstance(m, Video) else "image" for m in media]
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": media_question(question, kinds)}
+        ]
+        return self.prepare_chat(messages, media, max_tiles, reserve)
+
+    def prepare_chat(self, messages: list[dict], media, max_tiles: int | None = None, reserve: int = 0) -> ImagePrompt:
+        """As `prepare`, for a whole conversation whose messages already hold one `<image>` / `<video>`
+        placeholder per item of `media`, in order (the server builds these from content parts)."""
         if not media:
             raise RequestError("no images: give at least one image, PDF page or video")
         context = self.config.max_position_embeddings
@@ -223,9 +232,6 @@ class VisionLanguageModel(TextModel):
         if budget < self.tiles.min_tiles:
             raise RequestError(f"max tiles must be at least {self.tiles.min_tiles}")
         kinds = ["video" if isinstance(m, Video) else "image" for m in media]
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": media_question(question, kinds)}
-        ]
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         frame = TilePlan((1, 1), False, self.tiles.tokens_per_tile)
         while True:

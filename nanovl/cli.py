@@ -219,6 +219,21 @@ def cmd_tiles(args):
             print(f"wrote {path}", file=sys.stderr)
 
 
+def cmd_serve(args):
+    try:
+        from nanovl.serve.app import serve
+    except ImportError as e:
+        raise NanovlError(
+            f"the server needs FastAPI, uvicorn and sse-starlette: pip install 'nanovl[serve]' ({e})"
+        ) from None
+    serve(
+        args.model, host=args.host, port=args.port, dtype=args.dtype, api_key=args.api_key,
+        max_concurrency=args.max_concurrency, max_queue=args.max_queue, max_len=args.max_len,
+        allowed_local_media_path=args.allowed_local_media_path, allow_remote_media=args.allow_remote_media,
+        request_timeout=args.request_timeout,
+    )  # fmt: skip
+
+
 def cmd_make_tiny(args):
     from nanovl.tiny import ALL_FAMILIES, write_checkpoint
 
@@ -264,6 +279,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", help="write the page with the grid drawn over it (PNG); -pageN per page for PDFs")
     p.set_defaults(func=cmd_tiles)
+
+    p = sub.add_parser("serve", help="serve an OpenAI-compatible API (/v1/chat/completions)")
+    p.add_argument("--model", required=True, help="checkpoint folder (Hugging Face layout)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1/")
+    p.add_argument("--max-concurrency", type=int, default=8, help="requests decoded together (default 8)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond that; more get 429")
+    p.add_argument("--max-len", type=int, help="tokens per request slot (default: the model's context)")
+    p.add_argument("--request-timeout", type=float, help="seconds before a request is cut off")
+    p.add_argument("--allowed-local-media-path", help="folder whose files requests may name as media")
+    p.add_argument("--allow-remote-media", action="store_true", help="allow http(s) media URLs")
+    p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float32")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("make-tiny", help="write a tiny random checkpoint in the HF layout (tests, benchmarks)")
     p.add_argument("family", help="llama | qwen2 | nemotron-nano-vl-v1 | nvlm-d")

@@ -1,0 +1,130 @@
+"""The OpenAI chat-completions request, parsed and checked; errors in OpenAI's shape.
+
+Content parts: `text`; `image_url` (data: URLs always; local paths only under the allowed folder;
+http(s) is refused until remote media is enabled); `video_url` (same sources); and OpenAI's `file`
+part for PDFs (`file_data` as a data: URL, with nanovl's optional `pages` range, e.g. "1-3").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from nanovl.errors import RequestError
+
+
+class APIError(Exception):
+    """An error answered as {"error": {"message", "type", "param", "code"}} with an HTTP status."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param=None, code=None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = True
+
+
+class ChatRequest(BaseModel):
+    model: str
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = Field(default=1, ge=1, le=16)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: dict[str, Any] | None = None
+    max_tiles: int | None = None  # nanovl: per-image tile budget
+    ignore_eos: bool = False  # as vLLM: keep generating past end-of-sequence
+
+
+class MediaRef(BaseModel):
+    kind: Literal["image", "video", "document"]
+    url: str
+    pages: str | None = None
+
+
+def parse_messages(messages: list[dict]) -> tuple[list[dict], list[MediaRef]]:
+    """Chat messages with content parts -> template messages whose text holds one `<image>` / `<video>`
+    placeholder per media part, and the media references in order."""
+    out, media = [], []
+    for i, m in enumerate(messages):
+        role, content = m.get("role"), m.get("content")
+        if role not in ("system", "user", "assistant", "developer"):
+            raise APIError(400, f"messages[{i}].role must be system, user or assistant", param="messages")
+        role = "system" if role == "developer" else role
+        if content is None or isinstance(content, str):
+            out.append({"role": role, "content": content or ""})
+            continue
+        if not isinstance(content, list):
+            raise APIError(400, f"messages[{i}].content must be a string or a list of parts", param="messages")
+        text = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                text.append(str(part.get("text", "")))
+            elif kind in ("image_url", "video_url"):
+                url = (part.get(kind) or {}).get("url") if isinstance(part.get(kind), dict) else part.get(kind)
+                if not url:
+                    raise APIError(400, f"messages[{i}]: a {kind} part needs a url", param="messages")
+                media.append(MediaRef(kind=kind.split("_")[0], url=url))
+                text.append("<image>" if kind == "image_url" else "<video>")
+            elif kind == "file":
+                f = part.get("file") or {}
+                if not f.get("file_data"):
+                    raise APIError(400, f"messages[{i}]: a file part needs file_data (a data: URL)", param="messages")
+                media.append(MediaRef(kind="document", url=f["file_data"], pages=f.get("pages")))
+                text.append("<document>")
+            else:
+                raise APIError(400, f"messages[{i}]: unsupported content part type {kind!r}", param="messages")
+        out.append({"role": role, "content": "".join(text)})
+    return out, media
+
+
+def resolve_source(url: str, allowed_local: Path | None, allow_remote: bool):
+    """A media URL -> something nanovl.media reads (a data: URL string or a local Path)."""
+    if url.startswith("data:"):
+        return url
+    if url.startswith(("http://", "https://")):
+        if not allow_remote:
+            raise APIError(400, "remote media URLs are disabled on this server (start it with --allow-remote-media)")
+        raise APIError(400, "remote media is not supported by this build of nanovl yet")
+    path = Path(url[len("file://") :] if url.startswith("file://") else url)
+    if allowed_local is None:
+        raise APIError(400, "local media paths are disabled on this server (see --allowed-local-media-path)")
+    try:
+        resolved = path.resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise APIError(400, f"{url}: no such file") from None
+    root = allowed_local.resolve()
+    if resolved != root and root not in resolved.parents:
+        raise APIError(403, f"{url} is outside the allowed media folder", code="forbidden_path")
+    return resolved
+
+
+def sampling_fields(req: ChatRequest) -> dict:
+    """OpenAI fields -> SamplingParams fields (None: the model's default)."""
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    if max_tokens is not None and max_tokens <= 0:
+        raise RequestError("max_tokens must be at least 1")
+    stop = [req.stop] if isinstance(req.stop, str) else req.stop
+    fields = dict(
+        max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+        min_p=req.min_p, repetition_penalty=req.repetition_penalty, seed=req.seed, stop=stop,
+        ignore_eos=req.ignore_eos or None,
+    )  # fmt: skip
+    return {k: v for k, v in fields.items() if v is not None}
