@@ -22,6 +22,7 @@ from PIL import Image
 
 from nanovl.config import TextConfig, load_config, read_json
 from nanovl.engine import Completion, SamplingParams, generate, stream
+from nanovl.engine.embed_store import EmbedStore
 from nanovl.errors import CheckpointError, RequestError
 from nanovl.media import DEFAULT_DPI, MAX_PIXELS, Video, is_video, load_document, load_video
 from nanovl.models import text_model_class
@@ -167,6 +168,14 @@ class TextModel:
 
 
 @dataclass
+class ImageEmbeds:
+    """Post-projector embeddings of one image computed elsewhere: (rows, hidden), rows a multiple of the
+    tokens per tile. They take an image's place in the prompt; the vision encoder is skipped."""
+
+    embeds: torch.Tensor
+
+
+@dataclass
 class ImagePrompt:
     """A question about documents, ready for the engine."""
 
@@ -183,6 +192,8 @@ class VisionLanguageModel(TextModel):
         super().__init__(vlm.language_model, tokenizer, vlm.config.text, path)
         self.vlm = vlm
         self.tiles = vlm.config.tiles
+        self.store: EmbedStore | None = None  # set by the server (or a caller) to reuse encodings
+        self._model_id: str | None = None
         self.context_id = tokenizer.token_to_id(vlm.context_token)
         if self.context_id is None:
             raise CheckpointError(f"the tokenizer has no {vlm.context_token} token, which the image embeddings replace")
@@ -233,9 +244,12 @@ class VisionLanguageModel(TextModel):
             raise RequestError(f"max tiles must be at least {self.tiles.min_tiles}")
         kinds = ["video" if isinstance(m, Video) else "image" for m in media]
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        for m in media:
+            if isinstance(m, ImageEmbeds):
+                self.check_embeds(m.embeds)
         frame = TilePlan((1, 1), False, self.tiles.tokens_per_tile)
         while True:
-            plans = [[frame] * len(m.frames) if isinstance(m, Video) else [self.plan(m, budget)] for m in media]
+            plans = [self.plans(m, budget, frame) for m in media]
             items = [(k, self.item_text(m, p)) for k, m, p in zip(kinds, media, plans)]
             ids = self.tokenizer.encode(expand_media(text, items), False)
             if len(ids) + max(reserve, 1) <= context:
@@ -255,24 +269,65 @@ class VisionLanguageModel(TextModel):
             n = kinds.count("image")
             print(f"nanovl: note: up to {budget} tiles per image to fit {n} images in the context", file=sys.stderr)
 
-        pixels = torch.cat(
-            [
-                make_tiles(im, self.tiles, p)
-                for m, ps in zip(media, plans)
-                for im, p in zip(m.frames if isinstance(m, Video) else [m], ps)
-            ]
-        )
-        features = self.encode_tiles(pixels)
+        features = self.encode_media(media, plans)
         ids_t = torch.tensor(ids)
         with torch.inference_mode():
             text_embeds = self.model.embed(ids_t[None])[0]
             embeds = merge_embeddings(text_embeds, ids_t, self.context_id, features.flatten(0, 1))
         return ImagePrompt(ids, embeds, [p for ps in plans for p in ps], features)
 
-    def plan(self, image: Image.Image, budget: int) -> TilePlan:
-        return plan_tiles(self.tiles, *image.size, max_tiles=budget)
+    def plans(self, item, budget: int, frame: TilePlan) -> list[TilePlan]:
+        if isinstance(item, Video):
+            return [frame] * len(item.frames)
+        if isinstance(item, ImageEmbeds):
+            return [TilePlan((len(item.embeds) // self.tiles.tokens_per_tile, 1), False, self.tiles.tokens_per_tile)]
+        return [plan_tiles(self.tiles, *item.size, max_tiles=budget)]
+
+    def check_embeds(self, e: torch.Tensor):
+        tpt, hidden = self.tiles.tokens_per_tile, self.config.hidden_size
+        if self.vlm.context_token != "<image>":
+            raise RequestError(
+                f"{self.vlm.config.architecture} takes no precomputed image embeddings (its tile tags need the grid)"
+            )
+        if e.ndim != 2 or e.shape[1] != hidden or e.shape[0] == 0 or e.shape[0] % tpt:
+            raise RequestError(
+                f"image_embeds must be (rows, {hidden}) with rows a multiple of {tpt}; got {list(e.shape)}"
+            )
+        if not torch.isfinite(e).all():
+            raise RequestError("image_embeds holds NaN or infinite values")
+
+    def encode_media(self, media, plans) -> torch.Tensor:
+        """Post-projector embeddings of every image / frame, in order (tiles, tokens, hidden); from the
+        store where it has them, the vision encoder for the rest (in one batch)."""
+        from nanovl.engine.embed_store import image_key, model_fingerprint
+
+        if self.store is not None and self._model_id is None:
+            self._model_id = model_fingerprint(self.path)
+        tpt, hidden = self.tiles.tokens_per_tile, self.config.hidden_size
+        items, out = [], []
+        for m, ps in zip(media, plans):
+            if isinstance(m, ImageEmbeds):
+                out.append(m.embeds.view(-1, tpt, hidden))
+                continue
+            for im, p in zip(m.frames if isinstance(m, Video) else [m], ps):
+                key = image_key(im, p, self.tiles, self._model_id) if self.store is not None else None
+                hit = self.store.get(key) if key is not None else None
+                items.append((im, p, key))
+                out.append(hit if hit is not None else len(items) - 1)
+        todo = [i for i, o in enumerate(out) if isinstance(o, int)]
+        if todo:
+            pixels = torch.cat([make_tiles(items[out[i]][0], self.tiles, items[out[i]][1]) for i in todo])
+            feats = self.encode_tiles(pixels).split([items[out[i]][1].tiles for i in todo])
+            for i, f in zip(todo, feats):
+                key = items[out[i]][2]
+                if key is not None:
+                    self.store.put(key, f)
+                out[i] = f
+        return torch.cat([o.to(self.model.dtype) for o in out])
 
     def item_text(self, item, plans: list[TilePlan]) -> str:
+        if isinstance(item, ImageEmbeds):
+            return self.vlm.image_text(plans[0])
         if isinstance(item, Video):
             return video_text(self.vlm.image_text(plans[0]), item.timestamps, len(item.frames))
         return self.vlm.image_text(plans[0])

@@ -230,7 +230,7 @@ def cmd_serve(args):
         args.model, host=args.host, port=args.port, dtype=args.dtype, api_key=args.api_key,
         max_concurrency=args.max_concurrency, max_queue=args.max_queue, max_len=args.max_len,
         allowed_local_media_path=args.allowed_local_media_path, allow_remote_media=args.allow_remote_media,
-        request_timeout=args.request_timeout,
+        request_timeout=args.request_timeout, embed_store=args.embed_store,
     )  # fmt: skip
 
 
@@ -291,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--request-timeout", type=float, help="seconds before a request is cut off")
     p.add_argument("--allowed-local-media-path", help="folder whose files requests may name as media")
     p.add_argument("--allow-remote-media", action="store_true", help="allow http(s) media URLs")
+    p.add_argument("--embed-store", help="folder keeping image embeddings across requests and restarts")
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float32")
     p.set_defaults(func=cmd_serve)
 

@@ -195,3 +195,48 @@ def test_disconnected_stream_frees_its_slot(server, client):
             break
         time.sleep(0.2)
     assert "nanovl_running 0" in m and "nanovl_cancelled_total 0" not in m
+
+
+def test_embedding_store_hits_and_survives_restart(vl, tmp_path):
+    page = data_url(Image.effect_mandelbrot((700, 500), (-2, -1, 1, 1), 30).convert("RGB"))
+    body = {"model": "tiny-vl", "messages": image_msg(page), "max_tokens": 4}
+    outputs = []
+    for round_ in range(2):  # the second server is a restart over the same folder
+        s = LiveServer(create_app(vl, "tiny-vl", embed_store=str(tmp_path / "store")))
+        try:
+            for _ in range(2):
+                r = httpx.post(s.url + "/v1/chat/completions", json=body, timeout=60)
+                assert r.status_code == 200, r.text
+                outputs.append(r.json()["choices"][0]["message"]["content"])
+            metrics = httpx.get(s.url + "/metrics").text
+        finally:
+            s.stop()
+        values = dict(line.split() for line in metrics.splitlines() if not line.startswith("#"))
+        hits, misses = int(values["nanovl_embed_store_hits_total"]), int(values["nanovl_embed_store_misses_total"])
+        # round 0: a miss, then a hit from memory; after the restart: a hit from disk, then from memory
+        assert (hits, misses) == ((1, 1) if round_ == 0 else (2, 0))
+    assert len(set(outputs)) == 1
+    assert list((tmp_path / "store").rglob("*.safetensors"))
+
+
+def test_image_embeds_part(vl, server):
+    from safetensors.torch import save
+
+    im = Image.new("RGB", (512, 512), (30, 60, 90))
+    prompt = vl.prepare(vl.load_images(im), "Q")
+    embeds = prompt.features.flatten(0, 1)  # (tiles * 256, hidden)
+    part = lambda e: [
+        {
+            "role": "user",
+            "content": [{"type": "image_embeds", "image_embeds": {"data": e}}, {"type": "text", "text": "\nQ"}],
+        }
+    ]  # noqa: E731
+    good = base64.b64encode(save({"embeds": embeds.contiguous()})).decode()
+    r = post(server, {"model": "tiny-vl", "messages": part(good), "max_tokens": 5})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == vl.ask(im, "Q", max_new_tokens=5).text
+    for bad in [embeds[:100], embeds[:, :10]]:
+        data = base64.b64encode(save({"embeds": bad.contiguous()})).decode()
+        r = post(server, {"model": "tiny-vl", "messages": part(data), "max_tokens": 5})
+        assert r.status_code == 400 and "image_embeds must be" in r.json()["error"]["message"]
+    assert post(server, {"model": "tiny-vl", "messages": part("###"), "max_tokens": 5}).status_code == 400

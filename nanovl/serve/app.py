@@ -23,19 +23,27 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import ValidationError
 from sse_starlette.sse import EventSourceResponse
 
-from nanovl.api import VisionLanguageModel
+from nanovl.api import ImageEmbeds, VisionLanguageModel
+from nanovl.engine.embed_store import EmbedStore
 from nanovl.engine.scheduler import QueueFull, Scheduler
 from nanovl.engine.scheduler import Request as EngineRequest
 from nanovl.errors import NanovlError
 from nanovl.media import is_video, load_document, load_video
-from nanovl.serve.protocol import APIError, ChatRequest, parse_messages, resolve_source, sampling_fields
+from nanovl.serve.protocol import (
+    APIError,
+    ChatRequest,
+    decode_embeds,
+    parse_messages,
+    resolve_source,
+    sampling_fields,
+)
 
 
 class Metrics:
     def __init__(self):
         self.ttft_sum, self.ttft_count, self.errors = 0.0, 0, 0
 
-    def render(self, sched: Scheduler) -> str:
+    def render(self, sched: Scheduler, store: EmbedStore | None) -> str:
         s = sched.stats
         lines = [
             ("nanovl_requests_total", "counter", "chat requests admitted", s["requests"]),
@@ -47,7 +55,18 @@ class Metrics:
             ("nanovl_running", "gauge", "requests holding a slot", sched.running),
             ("nanovl_time_to_first_token_seconds_sum", "counter", "sum of times to first token", self.ttft_sum),
             ("nanovl_time_to_first_token_seconds_count", "counter", "requests with a first token", self.ttft_count),
-            ("nanovl_embed_store_hits_total", "counter", "vision encodings served from the store", 0),
+            (
+                "nanovl_embed_store_hits_total",
+                "counter",
+                "images served from the embedding store",
+                store.hits if store else 0,
+            ),
+            (
+                "nanovl_embed_store_misses_total",
+                "counter",
+                "images encoded by the vision encoder",
+                store.misses if store else 0,
+            ),
         ]
         out = []
         for name, kind, help_, value in lines:
@@ -57,10 +76,13 @@ class Metrics:
 
 def create_app(model, name: str, api_key: str | None = None, max_concurrency: int = 8, max_queue: int = 64,
                allowed_local_media_path: str | None = None, allow_remote_media: bool = False,
-               request_timeout: float | None = None, max_len: int | None = None) -> FastAPI:  # fmt: skip
+               request_timeout: float | None = None, max_len: int | None = None, embed_store: str | None = None,
+               embed_store_bytes: int = 1 << 30) -> FastAPI:  # fmt: skip
     sched = Scheduler(model.model, model.tokenizer, max_slots=max_concurrency, max_len=max_len, max_queue=max_queue)
     metrics = Metrics()
     allowed = Path(allowed_local_media_path) if allowed_local_media_path else None
+    if isinstance(model, VisionLanguageModel):
+        model.store = EmbedStore(embed_store_bytes, embed_store)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -91,7 +113,7 @@ def create_app(model, name: str, api_key: str | None = None, max_concurrency: in
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus():
-        return metrics.render(sched)
+        return metrics.render(sched, getattr(model, "store", None))
 
     @app.get("/v1/models")
     async def models():
@@ -165,6 +187,10 @@ def create_app(model, name: str, api_key: str | None = None, max_concurrency: in
             raise APIError(400, f"model {name!r} is text-only: it takes no images, documents or videos")
         media, counts = [], []
         for ref in refs:
+            if ref.kind == "embeds":
+                media.append(ImageEmbeds(decode_embeds(ref.data)))
+                counts.append(1)
+                continue
             src = resolve_source(ref.url, allowed, allow_remote_media)
             if ref.kind == "video" or (ref.kind == "image" and is_video(src)):
                 media.append(load_video(src))

@@ -7,9 +7,12 @@ part for PDFs (`file_data` as a data: URL, with nanovl's optional `pages` range,
 
 from __future__ import annotations
 
+import base64
+import binascii
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel, Field
 
 from nanovl.errors import RequestError
@@ -53,9 +56,10 @@ class ChatRequest(BaseModel):
 
 
 class MediaRef(BaseModel):
-    kind: Literal["image", "video", "document"]
-    url: str
+    kind: Literal["image", "video", "document", "embeds"]
+    url: str = ""
     pages: str | None = None
+    data: Any = None  # image_embeds: base64 of a safetensors file with one (rows, hidden) tensor, or a list
 
 
 def parse_messages(messages: list[dict]) -> tuple[list[dict], list[MediaRef]]:
@@ -83,6 +87,13 @@ def parse_messages(messages: list[dict]) -> tuple[list[dict], list[MediaRef]]:
                     raise APIError(400, f"messages[{i}]: a {kind} part needs a url", param="messages")
                 media.append(MediaRef(kind=kind.split("_")[0], url=url))
                 text.append("<image>" if kind == "image_url" else "<video>")
+            elif kind == "image_embeds":
+                data = part.get("image_embeds")
+                data = data.get("data") if isinstance(data, dict) else data
+                if data is None:
+                    raise APIError(400, f"messages[{i}]: an image_embeds part needs data", param="messages")
+                media.append(MediaRef(kind="embeds", data=data))
+                text.append("<image>")
             elif kind == "file":
                 f = part.get("file") or {}
                 if not f.get("file_data"):
@@ -128,3 +139,22 @@ def sampling_fields(req: ChatRequest) -> dict:
         ignore_eos=req.ignore_eos or None,
     )  # fmt: skip
     return {k: v for k, v in fields.items() if v is not None}
+
+
+def decode_embeds(data) -> torch.Tensor:
+    """image_embeds data -> a float tensor; shape checks are the model's (VisionLanguageModel.check_embeds)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    if isinstance(data, list):
+        try:
+            return torch.tensor(data, dtype=torch.float32)
+        except (TypeError, ValueError):
+            raise APIError(400, "image_embeds data must be a rectangular list of numbers") from None
+    try:
+        tensors = load(base64.b64decode(data, validate=True))
+    except (binascii.Error, ValueError, SafetensorError):
+        raise APIError(400, "image_embeds data must be base64 of a safetensors file (or a list of lists)") from None
+    if len(tensors) != 1:
+        raise APIError(400, f"image_embeds safetensors must hold one tensor, not {len(tensors)}")
+    return next(iter(tensors.values())).float()
