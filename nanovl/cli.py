@@ -29,6 +29,8 @@ def add_sampling_args(p: argparse.ArgumentParser):
     g.add_argument("--repetition-penalty", type=float)
     g.add_argument("--seed", type=int, help="makes sampling repeatable")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not included in output")
+    g.add_argument("--json-schema", metavar="FILE", help="answer with JSON valid against this JSON schema")
+    g.add_argument("--json", action="store_true", help="answer with a JSON object")
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float32")
     p.add_argument(
         "--show-reasoning", action="store_true", help="print a reasoning model's <think> block (dimmed on a terminal)"
@@ -46,7 +48,14 @@ def sampling_kwargs(args) -> dict:
         repetition_penalty=args.repetition_penalty,
         seed=args.seed,
         stop=args.stop or None,
+        json_schema=load_schema_file(args.json_schema) if args.json_schema else (True if args.json else None),
     )
+
+
+def load_schema_file(path: str) -> dict:
+    from nanovl.engine.constrained import load_schema_file as load
+
+    return load(path)
 
 
 def check_sampling_args(args):

@@ -2,6 +2,7 @@
 
 import base64
 import io
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -240,3 +241,15 @@ def test_image_embeds_part(vl, server):
         r = post(server, {"model": "tiny-vl", "messages": part(data), "max_tokens": 5})
         assert r.status_code == 400 and "image_embeds must be" in r.json()["error"]["message"]
     assert post(server, {"model": "tiny-vl", "messages": part("###"), "max_tokens": 5}).status_code == 400
+
+
+def test_json_schema_response_format(client, server):
+    from test_constrained import SCHEMA
+
+    rf = {"type": "json_schema", "json_schema": {"name": "fields", "schema": SCHEMA}}
+    r = client.chat.completions.create(model="tiny-vl", messages=[{"role": "user", "content": "Fields?"}],
+                                       max_tokens=120, response_format=rf)  # fmt: skip
+    __import__("jsonschema").validate(json.loads(r.choices[0].message.content), SCHEMA)
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 5}}}
+    resp = post(server, {"model": "tiny-vl", "messages": [{"role": "user", "content": "x"}], "response_format": bad})
+    assert resp.status_code == 400 and "invalid JSON schema" in resp.json()["error"]["message"]

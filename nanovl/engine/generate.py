@@ -29,7 +29,14 @@ class TokenGenerator:
     looking the prompt ids up (a VLM's prompt with image embeddings merged in)."""
 
     def __init__(
-        self, model, prompts: list[list[int]], params: SamplingParams, eos_ids=(), context_len=None, embeds=None
+        self,
+        model,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        eos_ids=(),
+        context_len=None,
+        embeds=None,
+        constraint=None,
     ):
         if not prompts or any(len(p) == 0 for p in prompts):
             raise RequestError("every prompt needs at least one token")
@@ -48,7 +55,7 @@ class TokenGenerator:
                 raise RequestError(f"token id {bad[0]} is outside the vocabulary (size {cfg.vocab_size})")
         if embeds is not None and [len(e) for e in embeds] != [len(p) for p in prompts]:
             raise ValueError("each prompt needs one embedding row per token")
-        self.prompts, self.embeds = prompts, embeds
+        self.prompts, self.embeds, self.constraint = prompts, embeds, constraint
         self.eos_ids = (set() if params.ignore_eos else set(eos_ids)) | set(params.stop_token_ids)
         self.max_new = min(params.max_new_tokens, self.context_len - longest)
         self.finish_reason: list[str | None] = [None] * len(prompts)
@@ -101,6 +108,9 @@ class TokenGenerator:
             self.logits = logits
             if seen is not None:
                 logits = apply_repetition_penalty(logits, seen, p.repetition_penalty)
+            if self.constraint is not None:  # JSON: only tokens that keep each row valid
+                rows = [self.constraint.mask(logits[i], x + self.output_ids[i]) for i, x in enumerate(self.prompts)]
+                logits = torch.stack(rows)
             next_ids = sample(logits, p, generator)  # (B,)
             out: list[int | None] = []
             for i, t in enumerate(next_ids.tolist()):
@@ -150,6 +160,16 @@ class Completion:
         return split_reasoning(self.text)[1]
 
 
+def json_constraint(tokenizer, model, params: SamplingParams):
+    """The JSON constraint `params.json_schema` asks for, or None."""
+    if params.json_schema is None or params.json_schema is False:
+        return None
+    from nanovl.engine.constrained import JsonConstraint
+
+    schema = params.json_schema if isinstance(params.json_schema, dict) else {"type": "object"}
+    return JsonConstraint(tokenizer, model.config.vocab_size, schema)
+
+
 class StopText:
     """One row's text: incremental detokenisation and stop strings cut exactly. Text that could be the
     start of a stop string is held back until it is known not to be one."""
@@ -176,7 +196,8 @@ class StopText:
 def stream(
     model, tokenizer, prompts: list[list[int]], params: SamplingParams, context_len=None, embeds=None
 ) -> Iterator[Delta]:
-    gen = TokenGenerator(model, prompts, params, tokenizer.eos_token_ids, context_len, embeds)
+    constraint = json_constraint(tokenizer, model, params)
+    gen = TokenGenerator(model, prompts, params, tokenizer.eos_token_ids, context_len, embeds, constraint)
     rows = [StopText(tokenizer, params.stop) for _ in prompts]
     for tokens in gen:
         for i, t in enumerate(tokens):

@@ -25,6 +25,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False  # keep going past end-of-sequence tokens (benchmarks, tests)
+    json_schema: dict | bool | None = None  # constrain to JSON: a schema, or True for any JSON object
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -41,6 +42,10 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise RequestError(message)
+        if isinstance(self.json_schema, dict):
+            from nanovl.engine.constrained import check_schema
+
+            check_schema(self.json_schema)
 
     @property
     def greedy(self) -> bool:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanovl.engine.generate import Delta, StopText
+from nanovl.engine.generate import Delta, StopText, json_constraint
 from nanovl.engine.sampling import SamplingParams, apply_repetition_penalty, sample
 from nanovl.errors import RequestError
 
@@ -63,6 +63,7 @@ class Row:
     generator: torch.Generator | None
     seen: torch.Tensor | None  # (V,) bool for the repetition penalty
     logits: torch.Tensor | None = None  # (V,) float32 for the next token
+    constraint: object | None = None  # JSON constraint (engine/constrained.py)
 
 
 class Scheduler:
@@ -182,7 +183,8 @@ class Scheduler:
         if p.repetition_penalty != 1.0:
             seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
             seen[ids[0]] = True
-        self.rows[slot] = Row(req, slot, StopText(self.tokenizer, p.stop), generator, seen, logits)
+        constraint = json_constraint(self.tokenizer, self.model, p)
+        self.rows[slot] = Row(req, slot, StopText(self.tokenizer, p.stop), generator, seen, logits, constraint)
         self.stats["prompt_tokens"] += len(req.prompt)
 
     def _emit(self, row: Row):
@@ -196,6 +198,8 @@ class Scheduler:
         logits = row.logits[None]
         if row.seen is not None:
             logits = apply_repetition_penalty(logits, row.seen[None], p.repetition_penalty)
+        if row.constraint is not None:
+            logits = row.constraint.mask(logits[0], req.prompt + req.output)[None]
         token = int(sample(logits, p, row.generator)[0])
         if row.seen is not None:
             row.seen[token] = True

@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from sse_starlette.sse import EventSourceResponse
 
 from nanovl.api import ImageEmbeds, VisionLanguageModel
+from nanovl.engine.constrained import parse_response_format
 from nanovl.engine.embed_store import EmbedStore
 from nanovl.engine.scheduler import QueueFull, Scheduler
 from nanovl.engine.scheduler import Request as EngineRequest
@@ -133,13 +134,10 @@ def create_app(model, name: str, api_key: str | None = None, max_concurrency: in
             raise APIError(400, f"{where}: {first['msg']}", param=where) from None
         if req.model != name:
             raise APIError(404, f"model {req.model!r} does not exist; this server has {name!r}", code="model_not_found")
-        if req.response_format and req.response_format.get("type") not in (None, "text"):
-            raise APIError(
-                400, "response_format json_object / json_schema is not supported yet", param="response_format"
-            )
         try:
             prompt_ids, embeds = await run_in_threadpool(build_prompt, req)
-            params = model.params(**sampling_fields(req))
+            fmt = parse_response_format(req.response_format)
+            params = model.params(**sampling_fields(req), json_schema=(fmt["schema"] or True) if fmt else None)
         except NanovlError as e:
             raise APIError(400, str(e)) from None
         top = (req.top_logprobs or 0) if req.logprobs else None
