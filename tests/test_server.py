@@ -253,3 +253,40 @@ def test_json_schema_response_format(client, server):
     bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 5}}}
     resp = post(server, {"model": "tiny-vl", "messages": [{"role": "user", "content": "x"}], "response_format": bad})
     assert resp.status_code == 400 and "invalid JSON schema" in resp.json()["error"]["message"]
+
+
+def test_remote_private_address_and_full_queue(vl, monkeypatch):
+    from test_remote_media import fake_dns
+
+    fake_dns(monkeypatch, {"files.example": ["10.0.0.7"]})
+    s = LiveServer(create_app(vl, "tiny-vl", allow_remote_media=True, max_concurrency=1, max_queue=1))
+    try:
+        r = httpx.post(s.url + "/v1/chat/completions", timeout=60,
+                       json={"model": "tiny-vl", "messages": image_msg("http://files.example/a.png")})  # fmt: skip
+        assert r.status_code == 400 and "non-public address" in r.json()["error"]["message"]
+        long = {"model": "tiny-vl", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 400,
+                "ignore_eos": True}  # fmt: skip
+        with ThreadPoolExecutor(4) as pool:
+            codes = list(
+                pool.map(
+                    lambda _: httpx.post(s.url + "/v1/chat/completions", json=long, timeout=120).status_code, range(4)
+                )
+            )
+        assert 429 in codes and 200 in codes  # one runs, one waits, the rest are turned away
+    finally:
+        s.stop()
+
+
+def test_video_url_part(client):
+    from test_video import write_clip
+
+    path = write_clip(__import__("pathlib").Path(__import__("tempfile").mkdtemp()) / "c.mp4", 12)
+    url = "data:video/mp4;base64," + base64.b64encode(path.read_bytes()).decode()
+    msg = [
+        {
+            "role": "user",
+            "content": [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": "What happens?"}],
+        }
+    ]
+    r = client.chat.completions.create(model="tiny-vl", messages=msg, max_tokens=3)
+    assert r.usage.prompt_tokens > 8 * 256  # 8 frames of one tile each

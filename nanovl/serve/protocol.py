@@ -113,7 +113,7 @@ def resolve_source(url: str, allowed_local: Path | None, allow_remote: bool):
     if url.startswith(("http://", "https://")):
         if not allow_remote:
             raise APIError(400, "remote media URLs are disabled on this server (start it with --allow-remote-media)")
-        raise APIError(400, "remote media is not supported by this build of nanovl yet")
+        return fetch_remote(url)
     path = Path(url[len("file://") :] if url.startswith("file://") else url)
     if allowed_local is None:
         raise APIError(400, "local media paths are disabled on this server (see --allowed-local-media-path)")
@@ -158,3 +158,65 @@ def decode_embeds(data) -> torch.Tensor:
     if len(tensors) != 1:
         raise APIError(400, f"image_embeds safetensors must hold one tensor, not {len(tensors)}")
     return next(iter(tensors.values())).float()
+
+
+MAX_REMOTE_BYTES = 64 << 20
+
+
+def public_addresses(host: str) -> list[str]:
+    """The host's addresses after DNS resolution; refuses the host if any is private, loopback,
+    link-local, multicast, reserved or unspecified (so a name cannot point the server at itself or
+    its network)."""
+    import ipaddress
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except socket.gaierror as e:
+        raise APIError(400, f"cannot resolve {host}: {e}") from None
+    addresses = sorted({info[4][0] for info in infos})
+    for a in addresses:
+        ip = ipaddress.ip_address(a.split("%")[0])
+        if (
+            ip.is_private
+            or ip.is_loopback
+            or ip.is_link_local
+            or ip.is_multicast
+            or ip.is_reserved
+            or ip.is_unspecified
+        ):
+            raise APIError(400, f"{host} resolves to {a}, a non-public address: refused", code="forbidden_address")
+    if not addresses:
+        raise APIError(400, f"{host} has no address")
+    return addresses
+
+
+def fetch_remote(url: str, transport=None, hops: int = 3) -> bytes:
+    """GET a public http(s) URL: every host (redirects included) is checked with `public_addresses`
+    before any connection; at most MAX_REMOTE_BYTES."""
+    from urllib.parse import urljoin, urlparse
+
+    import httpx
+
+    for _ in range(hops + 1):
+        parsed = urlparse(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise APIError(400, f"{url}: only http(s) URLs with a host name")
+        public_addresses(parsed.hostname)
+        try:
+            with httpx.Client(transport=transport, follow_redirects=False, timeout=20) as client:
+                with client.stream("GET", url) as r:
+                    if r.is_redirect:
+                        url = urljoin(url, r.headers.get("location", ""))
+                        continue
+                    if r.status_code != 200:
+                        raise APIError(400, f"{url}: the server answered {r.status_code}")
+                    data = bytearray()
+                    for chunk in r.iter_bytes():
+                        data += chunk
+                        if len(data) > MAX_REMOTE_BYTES:
+                            raise APIError(400, f"{url}: more than {MAX_REMOTE_BYTES >> 20} MB")
+                    return bytes(data)
+        except httpx.HTTPError as e:
+            raise APIError(400, f"{url}: cannot fetch ({e})") from None
+    raise APIError(400, f"{url}: too many redirects")
