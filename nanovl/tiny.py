@@ -326,8 +326,10 @@ def write_checkpoint(
     seed: int = 0,
     max_shard_bytes: int | None = None,
     vocab_size: int | None = None,
+    vision: dict | None = None,
 ) -> Path:
-    """Write a random checkpoint of `family` (one of ALL_FAMILIES). `size` overrides TINY_SIZE fields."""
+    """Write a random checkpoint of `family` (one of ALL_FAMILIES). `size` overrides the text model's
+    size fields, `vision` the vision_config's (VLM families)."""
     if family not in ALL_FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose from {', '.join(ALL_FAMILIES)}")
     vlm = VLM_FAMILIES.get(family)
@@ -362,6 +364,9 @@ def write_checkpoint(
         if family == "nvlm-d":
             text["model_type"] = "llama"  # as in NVLM-D-72B's llm_config: Qwen2 layers, "llama" type
         hf = {**vlm["config"], "llm_config": text, "torch_dtype": dtype}
+        if vision:
+            hf["vision_config"] = {**hf["vision_config"], **vision}
+            hf["vit_hidden_size"] = hf["vision_config"]["hidden_size"]
         if "preprocessor" in vlm:
             (out / "preprocessor_config.json").write_text(json.dumps(vlm["preprocessor"], indent=2) + "\n")
     else:
