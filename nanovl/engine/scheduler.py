@@ -37,7 +37,7 @@ class QueueFull(RequestError):
 _ids = itertools.count()
 
 
-@dataclass
+@dataclass(eq=False)
 class Request:
     prompt: list[int]
     params: SamplingParams
@@ -141,6 +141,7 @@ class Scheduler:
     def step(self):
         """Admit and prefill what the budget allows, then one decode step for every running row."""
         budget = self.prefill_budget
+        admitted = []
         while self.free:
             with self.cond:
                 if not self.waiting or (budget < len(self.waiting[0].prompt) and budget < self.prefill_budget):
@@ -150,7 +151,18 @@ class Scheduler:
             if req.cancelled:
                 self._finish_unstarted(req)
                 continue
-            self._prefill(req, self.free.pop())
+            admitted.append((req, self.free.pop()))
+        # Mamba layers need each prompt alone (padding would decay their state); attention-only
+        # models prefill the text-only newcomers together, right-padded.
+        together = [(r, s) for r, s in admitted if r.embeds is None] if not self.cache.mamba_slot else []
+        if len(together) < 2:
+            together = []
+        if together:
+            self._prefill_batch(together)
+        batched = {id(r) for r, _ in together}
+        for req, slot in admitted:
+            if id(req) not in batched:
+                self._prefill(req, slot)
         for row in list(self.rows.values()):  # the first token of new rows, and expired / cancelled rows
             if row.logits is not None and not row.req.output:
                 self._emit(row)
@@ -167,7 +179,6 @@ class Scheduler:
         self._retire()
 
     def _prefill(self, req: Request, slot: int):
-        p = req.params
         self.cache.reset(slot)
         self.cache.use([slot])
         device = self.model.device
@@ -175,6 +186,32 @@ class Scheduler:
         embeds = None if req.embeds is None else req.embeds[None].to(device, self.model.dtype)
         positions, mask = self.cache.positions(len(req.prompt)), self.cache.attention_mask(len(req.prompt))
         logits = self.model(ids, positions, self.cache, mask, embeds=embeds, last_only=True)[0, -1].float()
+        self._start(req, slot, logits)
+
+    def _prefill_batch(self, batch: list[tuple[Request, int]]):
+        """Several prompts in one forward, right-padded: a real token never sees the padding after it
+        (causal mask), each slot then keeps only its real length, and later writes overwrite the
+        padding's keys and values."""
+        for _, slot in batch:
+            self.cache.reset(slot)
+        self.cache.use([slot for _, slot in batch])
+        lengths = torch.tensor([len(r.prompt) for r, _ in batch], device=self.model.device)
+        T = int(lengths.max())
+        ids = torch.zeros(len(batch), T, dtype=torch.long, device=self.model.device)
+        for i, (r, _) in enumerate(batch):
+            ids[i, : len(r.prompt)] = torch.tensor(r.prompt)
+        positions, mask = self.cache.positions(T), self.cache.attention_mask(T)
+        self.cache.advance_by = lengths
+        try:
+            logits = self.model(ids, positions, self.cache, mask, last_index=lengths - 1)[:, -1].float()
+        finally:
+            self.cache.advance_by = None
+        for (req, slot), lg in zip(batch, logits):
+            self._start(req, slot, lg)
+
+    def _start(self, req: Request, slot: int, logits: torch.Tensor):
+        """A prefilled request becomes a running row, its first token sampled from `logits`."""
+        p, device = req.params, self.model.device
         generator = None
         if not p.greedy:
             generator = torch.Generator(device=device)
@@ -182,7 +219,7 @@ class Scheduler:
         seen = None
         if p.repetition_penalty != 1.0:
             seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
-            seen[ids[0]] = True
+            seen[torch.tensor(req.prompt, device=device)] = True
         constraint = json_constraint(self.tokenizer, self.model, p)
         self.rows[slot] = Row(req, slot, StopText(self.tokenizer, p.stop), generator, seen, logits, constraint)
         self.stats["prompt_tokens"] += len(req.prompt)

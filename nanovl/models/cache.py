@@ -106,6 +106,7 @@ class SlotCache:
         self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
         self.max_len = max_len
         self.rows = torch.zeros(0, dtype=torch.long, device=device)
+        self.advance_by: torch.Tensor | None = None  # per-row real lengths of a right-padded forward
 
     def use(self, rows: list[int]):
         self.rows = torch.tensor(rows, dtype=torch.long, device=self.lengths.device)
@@ -140,7 +141,7 @@ class SlotCache:
         return self.k[j][self.rows, :, :S], self.v[j][self.rows, :, :S]
 
     def advance(self, n: int):
-        self.lengths[self.rows] += n
+        self.lengths[self.rows] += n if self.advance_by is None else self.advance_by
 
     def mamba_state(self, layer: int):
         j = self.mamba_slot[layer]

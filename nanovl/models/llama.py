@@ -77,7 +77,17 @@ class LlamaForCausalLM(nn.Module):
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(tokens)  # (B, T, C)
 
-    def forward(self, tokens=None, positions=None, cache=None, mask=None, embeds=None, last_only=False, valid=None):
+    def forward(
+        self,
+        tokens=None,
+        positions=None,
+        cache=None,
+        mask=None,
+        embeds=None,
+        last_only=False,
+        valid=None,
+        last_index=None,
+    ):
         """tokens: (B, T) ids, or embeds: (B, T, C). positions: (B, T), default cache.pos + arange(T).
         mask: optional (B, 1, T, S) bool over the cache (True = attend). valid: (B, T) real-token mask,
         unused here (positions and `mask` already hide padding). Returns logits (B, T or 1, V)."""
@@ -91,6 +101,8 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, cos, sin, cache, i, mask)
         if cache is not None:
             cache.advance(T)
-        if last_only:
+        if last_index is not None:  # (B,): each row's own last position (right-padded batches)
+            x = x[torch.arange(x.shape[0], device=x.device), last_index][:, None]
+        elif last_only:
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x))

@@ -268,7 +268,17 @@ class NemotronHForCausalLM(nn.Module):
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.backbone.embeddings(tokens)
 
-    def forward(self, tokens=None, positions=None, cache=None, mask=None, embeds=None, last_only=False, valid=None):
+    def forward(
+        self,
+        tokens=None,
+        positions=None,
+        cache=None,
+        mask=None,
+        embeds=None,
+        last_only=False,
+        valid=None,
+        last_index=None,
+    ):
         """As LlamaForCausalLM.forward; positions are unused (no positional encoding), and `valid`
         (B, T) marks real tokens so padding stays out of the Mamba state."""
         x = self.embed(tokens) if embeds is None else embeds
@@ -276,6 +286,8 @@ class NemotronHForCausalLM(nn.Module):
             x = layer(x, cache, mask, valid)
         if cache is not None:
             cache.advance(x.shape[1])
-        if last_only:
+        if last_index is not None:  # (B,): each row's own last position (right-padded batches)
+            x = x[torch.arange(x.shape[0], device=x.device), last_index][:, None]
+        elif last_only:
             x = x[:, -1:]
         return self.lm_head(self.backbone.norm_f(x))
