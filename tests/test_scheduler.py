@@ -98,3 +98,23 @@ def test_logprobs_and_limits(model):
     assert lp["token"] == req.output[0] and len(lp["top"]) == 3 and lp["top"][0][0] == req.output[0]  # greedy
     with pytest.raises(Exception, match="context is 30 tokens"):
         sched.submit(request(list(range(30)), SamplingParams()))
+
+
+def test_timeout_and_graceful_close(model):
+    import threading
+
+    m, tk = model
+    sched = Scheduler(m, tk, max_slots=2)
+    slow = request([5, 6], SamplingParams(max_new_tokens=10_000, ignore_eos=True))
+    slow.timeout = 0.05
+    run(sched, {0: [slow]})
+    assert slow.finish_reason == "timeout" and sched.running == 0
+    sched.run()  # background thread; close() lets running work finish, then stops
+    done = request([7, 8], SamplingParams(max_new_tokens=20, ignore_eos=True))
+    sched.submit(done)
+    closer = threading.Thread(target=sched.close)
+    closer.start()
+    closer.join(60)
+    assert done.finish_reason == "length" and len(done.output) == 20
+    with pytest.raises(QueueFull, match="shutting down"):
+        sched.submit(request([1], SamplingParams()))

@@ -154,6 +154,7 @@ def test_bad_requests_get_openai_errors(server, tmp_path):
     corrupt = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n broken").decode()
     cases = [
         (dict(ok), None, 401),
+        (dict(ok), None, 401),
         (None, b"{not json", 400),
         ({**ok, "model": "gpt-9"}, None, 404),
         ({**ok, "max_tokens": 0}, None, 400),
@@ -166,7 +167,7 @@ def test_bad_requests_get_openai_errors(server, tmp_path):
         ({**ok, "messages": []}, None, 400),
     ]
     for i, (body, raw, status) in enumerate(cases):
-        r = post(server, body, key=None if i == 0 else KEY, raw=raw)
+        r = post(server, body, key={0: None, 1: "wrong-key"}.get(i, KEY), raw=raw)
         assert r.status_code == status, (i, r.text)
         err = r.json()["error"]
         assert err["message"] and err["type"]
