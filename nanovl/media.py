@@ -170,7 +170,7 @@ def load_document(src, pages: str | None = None, dpi: float = DEFAULT_DPI, max_p
     return [decode_image(data, name, max_pixels)]
 
 
-VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".ts", ".gif.mp4")
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".ts")
 MAX_FRAMES = 64
 
 

@@ -14,6 +14,7 @@ import asyncio
 import json
 import time
 import uuid
+import weakref
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -43,6 +44,7 @@ from nanovl.serve.protocol import (
 class Metrics:
     def __init__(self):
         self.ttft_sum, self.ttft_count, self.errors = 0.0, 0, 0
+        self.noted = weakref.WeakSet()  # requests whose time to first token is counted
 
     def render(self, sched: Scheduler, store: EmbedStore | None) -> str:
         s = sched.stats
@@ -209,7 +211,7 @@ def create_app(model, name: str, api_key: str | None = None, max_concurrency: in
         text, logprobs = [], []
         while True:
             d = await q.get()
-            if d.token_id is not None and er.output and len(er.output) == 1 and not text:
+            if not text:
                 note_first_token(er)
             text.append(d.text)
             if d.logprobs is not None:
@@ -244,8 +246,7 @@ def create_app(model, name: str, api_key: str | None = None, max_concurrency: in
                     if fut not in done:
                         continue
                     d = fut.result()
-                    if d.token_id is not None and len(reqs[i].output) == 1:
-                        note_first_token(reqs[i])
+                    note_first_token(reqs[i])
                     choice = {"index": i, "delta": {"content": d.text} if d.text else {}, "finish_reason": None}
                     if d.logprobs is not None:
                         choice["logprobs"] = {"content": [logprob_entry(d)]}
@@ -268,7 +269,9 @@ def create_app(model, name: str, api_key: str | None = None, max_concurrency: in
                     sched.cancel(r)
 
     def note_first_token(er: EngineRequest):
-        if er.first_token_at is not None:
+        """Count a request's time to first token once, when its first delta reaches us."""
+        if er.first_token_at is not None and er not in metrics.noted:
+            metrics.noted.add(er)
             metrics.ttft_sum += er.first_token_at - er.submitted
             metrics.ttft_count += 1
 
