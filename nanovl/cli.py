@@ -239,7 +239,7 @@ def cmd_serve(args):
         args.model, host=args.host, port=args.port, dtype=args.dtype, api_key=args.api_key,
         max_concurrency=args.max_concurrency, max_queue=args.max_queue, max_len=args.max_len,
         allowed_local_media_path=args.allowed_local_media_path, allow_remote_media=args.allow_remote_media,
-        request_timeout=args.request_timeout, embed_store=args.embed_store,
+        request_timeout=args.request_timeout, embed_store=args.embed_store, kv_cache_gb=args.kv_cache_gb,
     )  # fmt: skip
 
 
@@ -296,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1/")
     p.add_argument("--max-concurrency", type=int, default=8, help="requests decoded together (default 8)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond that; more get 429")
-    p.add_argument("--max-len", type=int, help="tokens per request slot (default: the model's context)")
+    p.add_argument("--max-len", type=int, help="tokens per request slot (default: what --kv-cache-gb allows)")
+    p.add_argument("--kv-cache-gb", type=float, default=4.0, help="KV cache for all slots (default 4 GiB)")
     p.add_argument("--request-timeout", type=float, help="seconds before a request is cut off")
     p.add_argument("--allowed-local-media-path", help="folder whose files requests may name as media")
     p.add_argument("--allow-remote-media", action="store_true", help="allow http(s) media URLs")

@@ -68,9 +68,14 @@ class Row:
 
 class Scheduler:
     def __init__(self, model, tokenizer, max_slots: int = 8, max_len: int | None = None, max_queue: int = 64,
-                 prefill_budget: int = 4096):  # fmt: skip
+                 prefill_budget: int = 4096, cache_bytes: int = 4 << 30):  # fmt: skip
+        """max_len: tokens per slot (prompt + output); by default as many as `cache_bytes` of KV cache
+        allow for `max_slots` slots, at most the model's context."""
         self.model, self.tokenizer = model, tokenizer
-        self.max_len = min(max_len or model.config.max_position_embeddings, model.config.max_position_embeddings)
+        context = model.config.max_position_embeddings
+        if max_len is None:
+            max_len = max(cache_bytes // (max_slots * kv_bytes_per_token(model)), 1)
+        self.max_len = min(max_len, context)
         self.cache = model.make_slot_cache(max_slots, self.max_len)
         self.free = list(range(max_slots))
         self.rows: dict[int, Row] = {}
@@ -267,6 +272,13 @@ class Scheduler:
         req.finish_reason = "cancelled"
         self.stats["cancelled"] += 1
         req.on_delta(Delta(0, "", None, "cancelled"))
+
+
+def kv_bytes_per_token(model) -> int:
+    """Bytes of keys and values one token takes in the cache, over every attention layer."""
+    cfg = model.config
+    layers = getattr(cfg, "pattern", "*" * cfg.num_hidden_layers).count("*")
+    return max(layers * 2 * cfg.num_key_value_heads * cfg.head_dim * model.dtype.itemsize, 1)
 
 
 def _logprobs(logits: torch.Tensor, token: int, top: int) -> dict:

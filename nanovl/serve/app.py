@@ -80,8 +80,9 @@ class Metrics:
 def create_app(model, name: str, api_key: str | None = None, max_concurrency: int = 8, max_queue: int = 64,
                allowed_local_media_path: str | None = None, allow_remote_media: bool = False,
                request_timeout: float | None = None, max_len: int | None = None, embed_store: str | None = None,
-               embed_store_bytes: int = 1 << 30) -> FastAPI:  # fmt: skip
-    sched = Scheduler(model.model, model.tokenizer, max_slots=max_concurrency, max_len=max_len, max_queue=max_queue)
+               embed_store_bytes: int = 1 << 30, kv_cache_gb: float = 4.0) -> FastAPI:  # fmt: skip
+    sched = Scheduler(model.model, model.tokenizer, max_slots=max_concurrency, max_len=max_len, max_queue=max_queue,
+                      cache_bytes=int(kv_cache_gb * (1 << 30)))  # fmt: skip
     metrics = Metrics()
     allowed = Path(allowed_local_media_path) if allowed_local_media_path else None
     if isinstance(model, VisionLanguageModel):
@@ -296,5 +297,12 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, dtype: str 
     import nanovl
 
     model = nanovl.load(model_dir, dtype)
-    app = create_app(model, Path(model_dir).name, **options)
+    name = Path(model_dir).resolve().name
+    app = create_app(model, name, **options)
+    sched = app.state.scheduler
+    print(
+        f"nanovl: serving {model_dir} as model {name!r}: {len(sched.free)} slots of {sched.max_len} tokens "
+        f"({sched.cache.nbytes / 2**30:.2f} GiB of cache)",
+        flush=True,
+    )
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30)
