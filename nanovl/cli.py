@@ -243,6 +243,21 @@ def cmd_serve(args):
     )  # fmt: skip
 
 
+def cmd_eval_score(args):
+    import json
+
+    from nanovl.eval.score import score_file
+
+    summary = score_file(args.task, args.predictions)
+    if args.json:
+        print(json.dumps(summary))
+        return
+    print(f"{summary['task']}: {summary['n']} items")
+    for key, value in summary.items():
+        if key not in ("task", "n"):
+            print(f"  {key}: {value:.2f}" if isinstance(value, float) else f"  {key}: {value}")
+
+
 def cmd_make_tiny(args):
     from nanovl.tiny import ALL_FAMILIES, write_checkpoint
 
@@ -304,6 +319,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embed-store", help="folder keeping image embeddings across requests and restarts")
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float32")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("eval", help="evaluation (for now: scoring predictions made elsewhere)")
+    esub = p.add_subparsers(dest="eval_command", required=True)
+    e = esub.add_parser("score", help="score a JSONL of predictions with the official metric of TASK")
+    e.add_argument("task", help="docvqa | infovqa | chartqa | ocrbench | ai2d | mmmu | videomme | corpus")
+    e.add_argument("--predictions", required=True, help="JSONL: the task's gold fields and `prediction`")
+    e.add_argument("--json", action="store_true", help="print the summary as JSON")
+    e.set_defaults(func=cmd_eval_score)
 
     p = sub.add_parser("make-tiny", help="write a tiny random checkpoint in the HF layout (tests, benchmarks)")
     p.add_argument("family", help="llama | qwen2 | nemotron-nano-vl-v1 | nvlm-d")

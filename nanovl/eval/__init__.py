@@ -1,0 +1,1 @@
+"""Evaluation: official metrics, dataset loaders and the runner (`nanovl eval`)."""

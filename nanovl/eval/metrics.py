@@ -1,0 +1,230 @@
+"""Benchmark metrics as pure functions, by the official definitions (../shared/reference/METRICS.md).
+
+Where VLMEvalKit or lmms-eval score differently, the docstring says how; nanovl follows the official
+rule in every case:
+- ANLS: harnesses divide by the raw (not normalised) lengths and score NL = 0.5 as 0.5; officially
+  the lengths are the normalised ones and NL = 0.5 scores 0.
+- ChartQA: the prediction is stripped (as VLMEvalKit; lmms-eval does not strip). A gold value of 0
+  falls back to string comparison in both harnesses, and here too (the relaxed rule divides by it).
+- OCRBench v1: lmms-eval folds full-width ASCII to ASCII since 2026-07; the official script does not,
+  and neither does nanovl.
+- Multiple choice: VideoMME uses its official extractor; MMMU its official parser with random.seed(42);
+  AI2D has no official extractor and uses `choice_letter` (documented below).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+from rapidfuzz.distance import Levenshtein
+
+# --- ANLS (DocVQA, InfoVQA) ------------------------------------------------------------------------
+
+
+def _anls_norm(s: str) -> str:
+    return " ".join(s.strip().lower().split())
+
+
+def anls(prediction: str, golds: list[str], tau: float = 0.5) -> float:
+    """Official ANLS of one question: max over gold answers of 1 - NL when NL < tau, else 0, where
+    NL = Levenshtein(a, b) / max(len(a), len(b)) on strings stripped, lowercased and with whitespace
+    runs collapsed."""
+    p = _anls_norm(prediction)
+    best = 0.0
+    for gold in golds:
+        g = _anls_norm(gold)
+        longest = max(len(g), len(p))
+        nl = Levenshtein.distance(g, p) / longest if longest else 0.0
+        best = max(best, 1.0 - nl if nl < tau else 0.0)
+    return best
+
+
+# --- ChartQA relaxed accuracy ---------------------------------------------------------------------
+
+
+def _to_float(s: str) -> float | None:
+    s = s.strip()
+    try:
+        return float(s[:-1]) / 100 if s.endswith("%") else float(s)
+    except ValueError:
+        return None
+
+
+def relaxed_accuracy(prediction: str, gold: str, tolerance: float = 0.05) -> bool:
+    """ChartQA: numbers within 5% of a non-zero gold (a trailing % divides by 100, on both sides);
+    everything else (text, a gold of 0, "1,000") by case-insensitive exact match of the stripped
+    strings. Years are numbers: 2008 passes for 2010 (as in pix2struct and both harnesses)."""
+    p, g = _to_float(prediction), _to_float(gold)
+    if p is not None and g:
+        return abs(p - g) / abs(g) <= tolerance
+    return prediction.strip().lower() == gold.strip().lower()
+
+
+# --- OCRBench v1 -----------------------------------------------------------------------------------
+
+OCRBENCH_CATEGORIES = {
+    "Regular Text Recognition": 50,
+    "Irregular Text Recognition": 50,
+    "Artistic Text Recognition": 50,
+    "Handwriting Recognition": 50,
+    "Digit String Recognition": 50,
+    "Non-Semantic Text Recognition": 50,
+    "Scene Text-centric VQA": 200,
+    "Doc-oriented VQA": 200,
+    "Key Information Extraction": 200,
+    "Handwritten Mathematical Expression Recognition": 100,
+}
+
+
+def ocrbench_hit(prediction: str, golds: str | list[str], dataset_name: str = "") -> bool:
+    """One OCRBench v1 point: a gold answer is a substring of the prediction. HME100k keeps case and
+    deletes every space (after turning newlines into spaces); every other item lowercases, strips and
+    turns newlines into spaces. No length check: verbose answers that contain the gold count."""
+    golds = [golds] if isinstance(golds, str) else golds
+    if dataset_name == "HME100k":
+        norm = lambda s: s.strip().replace("\n", " ").replace(" ", "")  # noqa: E731
+    else:
+        norm = lambda s: s.lower().strip().replace("\n", " ")  # noqa: E731
+    p = norm(prediction)
+    return any(norm(str(g)) in p for g in golds)
+
+
+def ocrbench_score(hits_by_category: dict[str, int]) -> dict:
+    """Final Score = hits out of 1000; per category too; `norm` = Final / 10 as model cards quote it."""
+    final = sum(hits_by_category.values())
+    return {"final": final, "norm": final / 10, "categories": dict(hits_by_category)}
+
+
+# --- multiple choice --------------------------------------------------------------------------------
+
+_VIDEOMME_PREFIXES = (
+    "The best answer is",
+    "The correct answer is",
+    "The answer is",
+    "The answer",
+    "The best option is",
+    "The correct option is",
+    "Best answer:",
+    "Best option:",
+    "Answer:",
+    "Option:",
+)
+
+
+def videomme_choice(response: str) -> str:
+    """The official Video-MME extractor: strip, drop an answer prefix, give up ("") on more than ten
+    words without a letter A-D, else the first A-D character anywhere."""
+    s = response.strip()
+    for prefix in _VIDEOMME_PREFIXES:
+        s = s.replace(prefix, "")
+    if len(s.split()) > 10 and not re.search("[ABCD]", s):
+        return ""
+    m = re.search("[ABCD]", s)
+    return m.group(0) if m else ""
+
+
+def mmmu_choice(response: str, options: dict[str, str], seed: int = 42) -> str:
+    """The official MMMU multiple-choice parser: "(X)" candidates, then " X " candidates, then (for
+    responses over five words) option texts; the last candidate wins; none: a random option, drawn
+    from a generator seeded with 42 as the official eval_utils does at import."""
+    for ch in ",.!?;:'":
+        response = response.strip(ch)
+    response = " " + response + " "
+    letters = list(options)
+    candidates = [x for x in letters if f"({x})" in response]
+    by_text = False
+    if not candidates:
+        candidates = [x for x in letters if f" {x} " in response]
+    if not candidates and len(response.split()) > 5:
+        candidates = [x for x, text in options.items() if text.lower() in response.lower()]
+        by_text = bool(candidates)
+    if not candidates:
+        return random.Random(seed).choice(letters)
+    if len(candidates) == 1:
+        return candidates[0]
+    # several: the one that occurs last
+    if by_text:
+        positions = {x: response.lower().rfind(options[x].lower()) for x in candidates}
+    else:
+        positions = {x: max(response.rfind(f"({x})"), response.rfind(f" {x} ")) for x in candidates}
+    return max(candidates, key=lambda x: positions[x])
+
+
+def choice_letter(response: str, options: dict[str, str]) -> str | None:
+    """nanovl's extractor for AI2D-style questions (no official one exists). In order:
+    1. a leading letter: "B", "(B)", "B.", "B)", "B:" (any case), the rest ignored;
+    2. "answer is B" / "answer: B" / "option B" anywhere (the last such phrase);
+    3. exactly one option letter standing alone as a word (capital);
+    4. exactly one option's text contained in a response at most twice the options' total length.
+    None when nothing (or more than one thing) matches: scored wrong, never guessed."""
+    letters = "".join(options)
+    s = response.strip()
+    m = re.match(rf"^\(?([{letters}{letters.lower()}])(?:[\).:\s]|$)", s)
+    if m:
+        return m.group(1).upper()
+    found = re.findall(rf"(?:answer(?: is)?|option)\s*[:\-]?\s*\(?([{letters}])\b", s, flags=re.IGNORECASE)
+    if found:
+        return found[-1].upper()
+    words = set(re.sub(r"[.()\[\],:;!*#{}]", " ", s).split())
+    alone = [x for x in options if x in words]
+    if len(alone) == 1:
+        return alone[0]
+    if len(s) <= 2 * sum(len(t) for t in options.values()):
+        texts = [x for x, t in options.items() if t and t.lower() in s.lower()]
+        if len(texts) == 1:
+            return texts[0]
+    return None
+
+
+# --- MMMU open answers -----------------------------------------------------------------------------
+
+_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?")
+_KEYS = ("could be ", "so ", "is ", "thus ", "therefore ", "final ", "answer ", "result ")
+
+
+def _normalise_open(value):
+    if isinstance(value, str):
+        try:
+            return round(float(value.replace(",", "")), 2)
+        except ValueError:
+            s = value.strip().lower()
+            return f" {s} " if len(s) == 1 else s
+    return round(float(value), 2)
+
+
+def mmmu_open_candidates(response: str) -> list:
+    """The official open-answer parser: per sentence, the text after the last key phrase ("=" too in
+    the last sentence); every number in it (comma-grouped and scientific forms); strings lowercased,
+    numbers as floats rounded to 2 decimals, one-character strings padded with spaces."""
+    sentences = [s for s in re.split(r"\.\s(?=[A-Z])|\n", response.strip()) if s.strip()]
+    tails = []
+    for i, sentence in enumerate(sentences):
+        keys = _KEYS + (("=",) if i == len(sentences) - 1 else ())
+        best = None
+        for key in keys:
+            pos = sentence.lower().rfind(key)
+            if pos >= 0 and (best is None or pos > best[0]):
+                best = (pos, sentence[pos + len(key) :].strip())
+        if best and best[1] and best[1] not in (":", ",", ".", "!", "?", ";", "'"):
+            tails.append(best[1])
+    if not tails:
+        tails = [response]
+    candidates = list(tails)
+    for t in tails:
+        candidates += _NUMBER.findall(t)
+    return [_normalise_open(c) for c in dict.fromkeys(candidates)]
+
+
+def mmmu_open_correct(response: str, golds: str | list[str]) -> bool:
+    """Correct if a numeric candidate equals a numeric gold, or a gold string is inside a string
+    candidate (the full candidate list: lmms-eval at 75571cfe kept only the first and scored 0)."""
+    golds = [golds] if isinstance(golds, str) else golds
+    candidates = mmmu_open_candidates(response)
+    for gold in map(_normalise_open, golds):
+        for c in candidates:
+            if isinstance(gold, float) and isinstance(c, float) and gold == c:
+                return True
+            if isinstance(gold, str) and isinstance(c, str) and gold in c:
+                return True
+    return False
