@@ -258,6 +258,32 @@ def cmd_eval_score(args):
             print(f"  {key}: {value:.2f}" if isinstance(value, float) else f"  {key}: {value}")
 
 
+def cmd_eval(args):
+    import json
+
+    from nanovl.eval.datasets import load
+    from nanovl.eval.runner import EndpointBackend, LocalBackend, headline, run
+
+    if bool(args.model) == bool(args.endpoint):
+        raise NanovlError("give exactly one of --model DIR or --endpoint URL")
+    data = args.data
+    if data is None and args.task == "corpus":
+        from pathlib import Path
+
+        data = str(Path.cwd().parent / "shared" / "corpus")
+    if data is None:
+        raise NanovlError("--data PATH is required: the benchmark's files, as distributed")
+    items = load(args.task, data, args.images)
+    if args.limit:
+        items = items[: args.limit]
+    backend = LocalBackend(args.model, args.max_tiles) if args.model else EndpointBackend(args.endpoint, args.api_key)
+    reference = json.loads(open(args.reference).read()) if args.reference else None
+    out = args.out or f"eval-{args.task}"
+    s = run(args.task, items, backend, out, args.concurrency, args.max_tokens, reference)
+    print(f"{args.task}: {headline(s):.2f} over {s['n']} items ({s['failed']} failed, retried on rerun); "
+          f"results in {out}/")  # fmt: skip
+
+
 def cmd_make_tiny(args):
     from nanovl.tiny import ALL_FAMILIES, write_checkpoint
 
@@ -320,8 +346,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float32")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("eval", help="evaluation (for now: scoring predictions made elsewhere)")
+    p = sub.add_parser("eval", help="run a benchmark, or score predictions made elsewhere")
     esub = p.add_subparsers(dest="eval_command", required=True)
+    e = esub.add_parser("run", help="evaluate --model DIR or --endpoint URL on TASK")
+    e.add_argument("task", help="docvqa | infovqa | chartqa | ocrbench | corpus, or any task with a .jsonl --data")
+    e.add_argument("--data", help="the benchmark's files (default for corpus: ../shared/corpus)")
+    e.add_argument("--images", help="image folder when it is not beside the annotations")
+    e.add_argument("--model", help="checkpoint folder")
+    e.add_argument("--endpoint", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    e.add_argument("--api-key")
+    e.add_argument("--concurrency", type=int, default=1, help="requests in flight (endpoints)")
+    e.add_argument("--max-tokens", type=int, default=32)
+    e.add_argument("--max-tiles", type=int)
+    e.add_argument("--limit", type=int, help="only the first N items")
+    e.add_argument("--out", help="output folder (default eval-TASK); rerunning resumes")
+    e.add_argument("--reference", help="JSON {task: published score} drawn beside the result")
+    e.set_defaults(func=cmd_eval)
     e = esub.add_parser("score", help="score a JSONL of predictions with the official metric of TASK")
     e.add_argument("task", help="docvqa | infovqa | chartqa | ocrbench | ai2d | mmmu | videomme | corpus")
     e.add_argument("--predictions", required=True, help="JSONL: the task's gold fields and `prediction`")

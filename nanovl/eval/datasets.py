@@ -1,0 +1,138 @@
+"""Benchmark files as they are distributed, read locally (nothing is downloaded).
+
+Each loader yields `Item`s: an id, the question, the image paths, and the gold fields that
+eval/score.py reads. A missing file gets a message saying which file is expected where.
+
+- docvqa / infovqa: the RRC JSON (`val_v1.0_withQT.json`, `infographicsVQA_val_v1.0_withQT.json`),
+  {"data": [{questionId, question, image | image_local_name, answers}]}; images beside it (or --images).
+- chartqa: the `test` folder of the ChartQA repo: test_human.json and test_augmented.json
+  ([{imgname, query, label}]) and png/<imgname>.
+- ocrbench: `OCRBench.json` ([{dataset_name, id, image_path, question, answers, type}]) and the
+  OCRBench_Images folder (--images).
+- corpus: ../shared/corpus/qa.jsonl ({file, question, answers}), files relative to it.
+- jsonl (any task's gold fields): one record per line with `id`, `question`, `image` (or `images`),
+  relative to the file.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nanovl.errors import NanovlError
+
+SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
+
+
+@dataclass
+class Item:
+    id: str
+    question: str
+    images: list[Path]
+    gold: dict = field(default_factory=dict)
+    pages: str | None = None
+
+
+class DataError(NanovlError):
+    """A benchmark file that is missing or not in the expected format."""
+
+
+def _read_json(path: Path, expected: str):
+    if not path.is_file():
+        raise DataError(f"{path}: not found; expected {expected}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e}); expected {expected}") from None
+
+
+def _image(root: Path, rel: str, item_id) -> Path:
+    path = root / rel
+    if not path.is_file():
+        raise DataError(f"item {item_id}: image {path} is missing")
+    return path
+
+
+def docvqa(path: Path, images: Path | None = None, info: bool = False) -> Iterator[Item]:
+    name = "infographicsVQA_val_v1.0_withQT.json" if info else "val_v1.0_withQT.json"
+    path = path / name if path.is_dir() else path
+    data = _read_json(path, f"the RRC {'InfographicVQA' if info else 'DocVQA'} JSON ({name})")
+    if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+        raise DataError(f"{path}: expected {{'data': [...]}} as in {name}")
+    root = images or path.parent
+    for q in data["data"]:
+        try:
+            rel = q.get("image") or q["image_local_name"]
+            yield Item(str(q["questionId"]), q["question"] + SHORT_ANSWER, [_image(root, rel, q["questionId"])],
+                       {"answers": q.get("answers", [])})  # fmt: skip
+        except KeyError as e:
+            raise DataError(f"{path}: a question lacks {e}; expected the {name} format") from None
+
+
+def chartqa(path: Path, images: Path | None = None) -> Iterator[Item]:
+    for split in ("human", "augmented"):
+        f = path / f"test_{split}.json"
+        rows = _read_json(f, "ChartQA's test folder with test_human.json, test_augmented.json and png/")
+        if not isinstance(rows, list):
+            raise DataError(f"{f}: expected a list of {{imgname, query, label}}")
+        for i, r in enumerate(rows):
+            try:
+                img = _image(images or path / "png", r["imgname"], f"{split}-{i}")
+                yield Item(f"{split}-{i}", r["query"] + SHORT_ANSWER, [img], {"label": r["label"], "split": split})
+            except KeyError as e:
+                raise DataError(f"{f}: row {i} lacks {e}; expected {{imgname, query, label}}") from None
+
+
+def ocrbench(path: Path, images: Path | None = None) -> Iterator[Item]:
+    path = path / "OCRBench.json" if path.is_dir() else path
+    rows = _read_json(path, "OCRBench.json from MultimodalOCR/OCRBench/json_files")
+    root = images or path.parent / "OCRBench_Images"
+    for r in rows:
+        try:
+            yield Item(str(r["id"]), r["question"], [_image(root, r["image_path"], r["id"])],
+                       {"answers": r["answers"], "dataset_name": r["dataset_name"], "type": r["type"]})  # fmt: skip
+        except KeyError as e:
+            raise DataError(f"{path}: an item lacks {e}; expected the OCRBench.json format") from None
+
+
+def corpus(path: Path, images: Path | None = None) -> Iterator[Item]:
+    path = path / "qa.jsonl" if path.is_dir() else path
+    if not path.is_file():
+        raise DataError(f"{path}: not found; expected the shared corpus qa.jsonl")
+    for n, line in enumerate(path.read_text().splitlines()):
+        if line.strip():
+            r = json.loads(line)
+            f = _image(path.parent, r["file"], n)
+            yield Item(f"{n}", r["question"] + SHORT_ANSWER, [f], {"answers": r["answers"]})
+
+
+def jsonl(path: Path, images: Path | None = None) -> Iterator[Item]:
+    if not path.is_file():
+        raise DataError(f"{path}: not found; expected JSONL records with id, question and image")
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        r = json.loads(line)
+        files = r.get("images") or [r["image"]]
+        gold = {k: v for k, v in r.items() if k not in ("id", "question", "image", "images")}
+        yield Item(str(r.get("id", n)), r["question"], [_image(images or path.parent, f, n) for f in files], gold)
+
+
+LOADERS = {
+    "docvqa": docvqa,
+    "infovqa": lambda p, images=None: docvqa(p, images, info=True),
+    "chartqa": chartqa,
+    "ocrbench": ocrbench,
+    "corpus": corpus,
+}
+
+
+def load(task: str, path: str | Path, images: str | Path | None = None) -> list[Item]:
+    path, images = Path(path), Path(images) if images else None
+    if path.suffix == ".jsonl" and task != "corpus":
+        return list(jsonl(path, images))
+    if task not in LOADERS:
+        raise DataError(f"no loader for {task!r} yet; give a .jsonl of records, or one of {', '.join(LOADERS)}")
+    return list(LOADERS[task](path, images))
