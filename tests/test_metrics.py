@@ -12,6 +12,7 @@ from nanovl.eval.metrics import (
     ocrbench_score,
     relaxed_accuracy,
     videomme_choice,
+    vqa_accuracy,
 )
 
 
@@ -180,3 +181,20 @@ def test_eval_score_cli(tmp_path, capsys):
     bad.write_text('{"prediction": "x"}\n')
     assert main(["eval", "score", "docvqa", "--predictions", str(bad)]) == 1
     assert "bad.jsonl:1: not a docvqa record" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "pred, golds, want",
+    [
+        ("25.", ["25"] * 10, 1.0),  # EvalAI/MMF strips the period (VLMEvalKit: 0)
+        ("2.", ["two"] * 5 + ["2"] * 5, 1.0),  # number words become digits
+        ("Coca-Cola", ["coca cola"] * 10, 1.0),  # hyphen between letters becomes a space
+        ("the red sign", ["red sign"] * 3 + ["stop"] * 7, 0.9),  # articles dropped; 3 matches: 9/10 subsets
+        ("stop", ["stop"] * 2 + ["go"] * 8, 0.6),  # two matches: 2/3 where both remain, 1/3 where one is out
+        ("dont", ["don't"] * 10, 1.0),  # contractions restored
+        ("1,000", ["1000"] * 10, 1.0),  # commas dropped
+        ("no", ["yes"] * 10, 0.0),
+    ],
+)
+def test_vqa_accuracy(pred, golds, want):
+    assert vqa_accuracy(pred, golds) == pytest.approx(want)

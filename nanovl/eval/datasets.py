@@ -9,6 +9,8 @@ eval/score.py reads. A missing file gets a message saying which file is expected
   ([{imgname, query, label}]) and png/<imgname>.
 - ocrbench: `OCRBench.json` ([{dataset_name, id, image_path, question, answers, type}]) and the
   OCRBench_Images folder (--images).
+- textvqa: `TextVQA_0.5.1_val.json` ({"data": [{question_id, question, image_id, answers}]}) and
+  train_images/<image_id>.jpg.
 - corpus: ../shared/corpus/qa.jsonl ({file, question, answers}), files relative to it.
 - jsonl (any task's gold fields): one record per line with `id`, `question`, `image` (or `images`),
   relative to the file.
@@ -97,6 +99,20 @@ def ocrbench(path: Path, images: Path | None = None) -> Iterator[Item]:
             raise DataError(f"{path}: an item lacks {e}; expected the OCRBench.json format") from None
 
 
+def textvqa(path: Path, images: Path | None = None) -> Iterator[Item]:
+    path = path / "TextVQA_0.5.1_val.json" if path.is_dir() else path
+    data = _read_json(path, "TextVQA_0.5.1_val.json from textvqa.org")
+    if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+        raise DataError(f"{path}: expected {{'data': [...]}} as in TextVQA_0.5.1_val.json")
+    root = images or path.parent / "train_images"
+    for q in data["data"]:
+        try:
+            img = _image(root, f"{q['image_id']}.jpg", q["question_id"])
+            yield Item(str(q["question_id"]), q["question"] + SHORT_ANSWER, [img], {"answers": q["answers"]})
+        except KeyError as e:
+            raise DataError(f"{path}: a question lacks {e}; expected the TextVQA_0.5.1_val.json format") from None
+
+
 def corpus(path: Path, images: Path | None = None) -> Iterator[Item]:
     path = path / "qa.jsonl" if path.is_dir() else path
     if not path.is_file():
@@ -125,6 +141,7 @@ LOADERS = {
     "infovqa": lambda p, images=None: docvqa(p, images, info=True),
     "chartqa": chartqa,
     "ocrbench": ocrbench,
+    "textvqa": textvqa,
     "corpus": corpus,
 }
 

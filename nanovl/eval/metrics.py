@@ -228,3 +228,65 @@ def mmmu_open_correct(response: str, golds: str | list[str]) -> bool:
             if isinstance(gold, str) and isinstance(c, str) and gold in c:
                 return True
     return False
+
+
+# --- VQA accuracy (TextVQA), with the EvalAI / MMF answer processing --------------------------------
+
+_PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
+_COMMA_IN_NUMBER = re.compile(r"(\d)(,)(\d)")
+_PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")  # MMF's pattern as written: any period not before a digit
+_NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+_NUMBERS["none"] = "0"
+_ARTICLES = {"a", "an", "the"}
+# Common English contractions; each spelling with some or all apostrophes dropped maps back to it.
+_CONTRACTED = """ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't
+haven't he'd he'd've he's how'd how'll how's i'd i'd've i'm i've isn't it'd it'd've it'll let's ma'am mightn't
+mightn't've might've mustn't must've needn't not've o'clock oughtn't shan't she'd she'd've she's should've
+shouldn't shouldn't've somebody'd somebody'd've somebody'll somebody's someone'd someone'd've someone'll
+someone's something'd something'd've something'll that's there'd there'd've there're there's they'd they'd've
+they'll they're they've wasn't we'd we'd've we'll we're we've weren't what'll what're what's what've when's
+where'd where's where've who'd who'd've who'll who's who've why'll why're why's won't would've wouldn't
+wouldn't've y'all y'all'll y'all'd've you'd you'd've you'll you're you've""".split()
+
+
+def _contraction_table() -> dict[str, str]:
+    table = {}
+    for word in _CONTRACTED:
+        cuts = [i for i, ch in enumerate(word) if ch == "'"]
+        for mask in range(1, 2 ** len(cuts)):  # drop every non-empty subset of the apostrophes
+            drop = {cuts[j] for j in range(len(cuts)) if mask >> j & 1}
+            table["".join(ch for i, ch in enumerate(word) if i not in drop)] = word
+    return table
+
+
+_CONTRACTIONS = _contraction_table()
+
+
+def vqa_normalise(answer: str) -> str:
+    """EvalAI / MMF answer processing (TextVQA): lowercase; drop "," and "?"; split "'s"; newlines
+    and tabs to spaces; punctuation deleted where it touches a space or the text has a digit,digit
+    comma, else replaced by a space; periods not before a digit removed; number words to digits;
+    articles dropped; contractions restored. (VLMEvalKit keeps a period after a digit: "25." stays.)"""
+    s = answer.lower().replace(",", "").replace("?", "").replace("'s", " 's")
+    s = s.replace("\n", " ").replace("\t", " ").strip()
+    for p in _PUNCT:
+        if (p + " " in s or " " + p in s) or _COMMA_IN_NUMBER.search(s) is not None:
+            s = s.replace(p, "")
+        else:
+            s = s.replace(p, " ")
+    s = _PERIOD.sub("", s)
+    words = []
+    for w in s.split():
+        w = _NUMBERS.get(w, w)
+        if w not in _ARTICLES:
+            words.append(_CONTRACTIONS.get(w, w))
+    return " ".join(words)
+
+
+def vqa_accuracy(prediction: str, golds: list[str]) -> float:
+    """The VQA metric over 10 annotators: for each gold answer left out, min(1, matches among the other
+    nine / 3); the mean of the ten. Prediction and golds are processed alike (EvalAI / MMF)."""
+    p = vqa_normalise(prediction)
+    g = [vqa_normalise(a) for a in golds]
+    scores = [min(1.0, sum(x == p for j, x in enumerate(g) if j != i) / 3) for i in range(len(g))]
+    return sum(scores) / len(scores) if scores else 0.0

@@ -8,6 +8,7 @@ Gold fields by task:
 - docvqa, infovqa: `answers` (list) -> ANLS
 - chartqa: `answer` or `label`, optional `split` (human / augmented) -> relaxed accuracy
 - ocrbench: `answers` (str or list), `dataset_name`, `type` -> OCRBench v1 hit
+- textvqa: `answers` (the 10 annotators') -> VQA accuracy with EvalAI processing
 - ai2d: `options` (list or {letter: text}), `answer` (letter or index) -> choice_letter
 - mmmu: `question_type`, `options` (list or its string repr), `answer` -> official MMMU parsers
 - videomme: `answer` (letter), optional `duration` -> official Video-MME extractor
@@ -24,7 +25,7 @@ from pathlib import Path
 from nanovl.errors import NanovlError
 from nanovl.eval import metrics as M
 
-TASKS = ("docvqa", "infovqa", "chartqa", "ocrbench", "ai2d", "mmmu", "videomme", "corpus")
+TASKS = ("docvqa", "infovqa", "chartqa", "ocrbench", "textvqa", "ai2d", "mmmu", "videomme", "corpus")
 
 
 def _options(rec) -> dict[str, str]:
@@ -48,6 +49,8 @@ def score_record(task: str, rec: dict) -> dict:
         return {"score": M.anls(pred, list(rec["answers"]))}
     if task == "chartqa":
         return {"score": float(M.relaxed_accuracy(pred, str(rec.get("answer", rec.get("label")))))}
+    if task == "textvqa":
+        return {"score": M.vqa_accuracy(pred, list(rec["answers"]))}
     if task == "ocrbench":
         return {"score": float(M.ocrbench_hit(pred, rec["answers"], rec.get("dataset_name", "")))}
     if task == "ai2d":
