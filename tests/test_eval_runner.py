@@ -94,3 +94,41 @@ def test_bad_benchmark_files(tmp_path, docvqa_dir):
         load("docvqa", docvqa_dir)
     with pytest.raises(DataError, match="ChartQA's test folder"):
         load("chartqa", tmp_path)
+
+
+def png_bytes(color):
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_parquet_exports_ai2d_and_mmmu(tmp_path, tiny_v1):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ai2d = [{"id": "0", "question": "Which is the sun?", "options": ["a", "b", "c", "d"], "answer": "2",
+             "image": {"bytes": png_bytes((255, 200, 0)), "path": None}}]  # fmt: skip
+    pq.write_table(pa.Table.from_pylist(ai2d), tmp_path / "ai2d.parquet")
+    (item,) = load("ai2d", tmp_path / "ai2d.parquet")
+    assert item.question.endswith(
+        "\nA. a\nB. b\nC. c\nD. d\nAnswer with the option's letter from the given choices directly."
+    )
+    assert isinstance(item.images[0], bytes) and item.gold["answer"] == "2"
+
+    mmmu = [{"id": "validation_Art_1", "question": "Compare <image 2> with <image 1>.", "options": "['x', 'y']",
+             "answer": "B", "question_type": "multiple-choice", "image_1": {"bytes": png_bytes((1, 1, 1))},
+             "image_2": {"bytes": png_bytes((2, 2, 2))}}]  # fmt: skip
+    (tmp_path / "Art").mkdir()
+    pq.write_table(pa.Table.from_pylist(mmmu), tmp_path / "Art" / "validation-00000-of-00001.parquet")
+    (item,) = load("mmmu", tmp_path)
+    assert item.question.startswith("Compare <image> with <image>.\nA. x\nB. y") and item.gold["subject"] == "Art"
+    assert item.images[0] == mmmu[0]["image_2"]["bytes"]  # the order the question names them
+    s = run("mmmu", [item], LocalBackend(str(tiny_v1)), tmp_path / "out", max_tokens=4)
+    assert s["n"] == 1 and s["failed"] == 0
+
+
+def test_docvqa_submission_file(tmp_path):
+    run("docvqa", [Item("7", "q", [], {"answers": ["x"]})], Fake(), tmp_path)
+    assert json.loads((tmp_path / "submission.json").read_text()) == [{"questionId": 7, "answer": "x"}]

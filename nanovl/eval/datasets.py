@@ -26,13 +26,34 @@ from pathlib import Path
 from nanovl.errors import NanovlError
 
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
+LETTER_ANSWER = "\nAnswer with the option's letter from the given choices directly."
+
+
+def options_text(options: list[str]) -> str:
+    return "".join(f"\n{chr(ord('A') + i)}. {o}" for i, o in enumerate(options))
+
+
+def _parquet_rows(path: Path, pattern: str, expected: str) -> Iterator[dict]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError("parquet exports need pyarrow: pip install 'nanovl[eval]'") from None
+    files = [path] if path.is_file() else sorted(path.glob(pattern))
+    if not files:
+        raise DataError(f"{path}: no parquet files ({pattern}); expected {expected}")
+    for f in files:
+        yield from pq.read_table(f).to_pylist()
+
+
+def _image_bytes(cell) -> bytes:
+    return cell["bytes"] if isinstance(cell, dict) else cell
 
 
 @dataclass
 class Item:
     id: str
     question: str
-    images: list[Path]
+    images: list[Path | bytes]  # files, or image bytes from a parquet export
     gold: dict = field(default_factory=dict)
     pages: str | None = None
 
@@ -113,6 +134,62 @@ def textvqa(path: Path, images: Path | None = None) -> Iterator[Item]:
             raise DataError(f"{path}: a question lacks {e}; expected the TextVQA_0.5.1_val.json format") from None
 
 
+def ai2d(path: Path, images: Path | None = None) -> Iterator[Item]:
+    """The AI2D release (questions/<n>.png.json + images/), or the lmms-lab parquet export
+    ({question, options, answer: "0".."3", image}). A `test_ids.txt` beside questions/ limits the
+    release to the test split."""
+    if path.is_dir() and (path / "questions").is_dir():
+        wanted = None
+        if (path / "test_ids.txt").is_file():
+            wanted = set((path / "test_ids.txt").read_text().split())
+        for f in sorted((path / "questions").glob("*.json")):
+            doc = _read_json(f, "AI2D questions/<n>.png.json")
+            image = _image(images or path / "images", doc["imageName"], f.name)
+            if wanted is not None and doc["imageName"].split(".")[0] not in wanted:
+                continue
+            for text, q in doc["questions"].items():
+                opts = q["answerTexts"]
+                gold = {"options": opts, "answer": chr(ord("A") + int(q["correctAnswer"]))}
+                yield Item(q["questionId"], text + options_text(opts) + LETTER_ANSWER, [image], gold)
+        return
+    for i, r in enumerate(_parquet_rows(path, "**/*.parquet", "AI2D (questions/ + images/) or its parquet export")):
+        opts = list(r["options"])
+        gold = {"options": opts, "answer": str(r["answer"])}
+        yield Item(
+            str(r.get("id", i)), r["question"] + options_text(opts) + LETTER_ANSWER, [_image_bytes(r["image"])], gold
+        )
+
+
+def mmmu(path: Path, images: Path | None = None) -> Iterator[Item]:
+    """HF MMMU/MMMU parquet (one folder per subject; validation split): <image k> tags become
+    placeholders, images in the order the question names them."""
+    import ast
+    import re
+
+    for r in _parquet_rows(path, "**/validation-*.parquet", "the MMMU/MMMU parquet files (validation split)"):
+        opts = ast.literal_eval(r["options"]) if isinstance(r["options"], str) else list(r["options"] or [])
+        order = [int(k) for k in re.findall(r"<image (\d)>", r["question"])]
+        imgs = [_image_bytes(r[f"image_{k}"]) for k in order if r.get(f"image_{k}")]
+        question = re.sub(r"<image \d>", "<image>", r["question"])
+        if not order:  # images the question does not place go first
+            imgs = [_image_bytes(r[f"image_{k}"]) for k in range(1, 8) if r.get(f"image_{k}")]
+        open_ended = r.get("question_type") == "open"
+        prompt = question + ("" if open_ended else options_text(opts)) + (SHORT_ANSWER if open_ended else LETTER_ANSWER)
+        gold = {"options": opts, "answer": r["answer"], "question_type": r.get("question_type"),
+                "subject": r["id"].split("_")[1] if r["id"].count("_") >= 2 else ""}  # fmt: skip
+        yield Item(r["id"], prompt, imgs, gold)
+
+
+def videomme(path: Path, images: Path | None = None) -> Iterator[Item]:
+    """lmms-lab/Video-MME parquet and the videos (--images DIR holding <videoID>.mp4)."""
+    root = images or path.parent / "videos" if path.is_file() else (images or path / "videos")
+    for r in _parquet_rows(path, "**/*.parquet", "the lmms-lab/Video-MME parquet file(s)"):
+        video = _image(root, f"{r['videoID']}.mp4", r["question_id"])
+        prompt = ("Select the best answer to the following multiple-choice question based on the video.\n"
+                  + r["question"] + "".join("\n" + o for o in r["options"]) + LETTER_ANSWER)  # fmt: skip
+        yield Item(str(r["question_id"]), prompt, [video], {"answer": r["answer"], "duration": r.get("duration")})
+
+
 def corpus(path: Path, images: Path | None = None) -> Iterator[Item]:
     path = path / "qa.jsonl" if path.is_dir() else path
     if not path.is_file():
@@ -142,6 +219,9 @@ LOADERS = {
     "chartqa": chartqa,
     "ocrbench": ocrbench,
     "textvqa": textvqa,
+    "ai2d": ai2d,
+    "mmmu": mmmu,
+    "videomme": videomme,
     "corpus": corpus,
 }
 

@@ -38,9 +38,10 @@ class LocalBackend:
         self.name = Path(model_dir).resolve().name
 
     def predict(self, item: Item, max_tokens: int) -> tuple[str, dict]:
+        sources = [p if isinstance(p, bytes) else str(p) for p in item.images]
         with self.lock:
-            c = self.model.ask([str(p) for p in item.images], item.question, pages=item.pages,
-                               max_tiles=self.max_tiles, max_new_tokens=max_tokens, temperature=0.0)  # fmt: skip
+            c = self.model.ask(sources, item.question, pages=item.pages, max_tiles=self.max_tiles,
+                               max_new_tokens=max_tokens, temperature=0.0)  # fmt: skip
         return c.text.strip(), {"max_tiles": self.max_tiles or self.model.tiles.max_tiles}
 
 
@@ -55,19 +56,39 @@ class EndpointBackend:
             raise NanovlError(f"{url}: cannot list the endpoint's models ({e})") from None
 
     def predict(self, item: Item, max_tokens: int) -> tuple[str, dict]:
-        parts = [{"type": "image_url", "image_url": {"url": data_url(p)}} for p in item.images]
-        parts.append({"type": "text", "text": "\n" + item.question if item.images else item.question})
+        from nanovl.prompts import PLACEHOLDERS
+
+        urls = [data_url(p) for p in item.images]
+        part = lambda u: (
+            {"type": "video_url", "video_url": {"url": u}}
+            if u.startswith("data:video")
+            else {  # noqa: E731
+                "type": "image_url",
+                "image_url": {"url": u},
+            }
+        )
+        if PLACEHOLDERS["image"] in item.question:  # the question places its images itself
+            pieces = item.question.split(PLACEHOLDERS["image"])
+            parts = [{"type": "text", "text": pieces[0]}]
+            for u, text in zip(urls, pieces[1:]):
+                parts += [part(u), {"type": "text", "text": text}]
+        else:
+            parts = [part(u) for u in urls] + [
+                {"type": "text", "text": "\n" + item.question if urls else item.question}
+            ]
         r = self.client.chat.completions.create(
             model=self.name, messages=[{"role": "user", "content": parts}], max_tokens=max_tokens, temperature=0.0
         )
         return (r.choices[0].message.content or "").strip(), {"endpoint": str(self.client.base_url)}
 
 
-def data_url(path: Path) -> str:
-    data = Path(path).read_bytes()
-    kind = "application/pdf" if data[:5] == b"%PDF-" else "image/" + (Path(path).suffix.lstrip(".") or "png")
-    if kind == "application/pdf":
-        raise NanovlError(f"{path}: PDFs go to endpoints as file parts, which this runner does not send yet")
+def data_url(src: Path | bytes) -> str:
+    from nanovl.media import is_video
+
+    data = src if isinstance(src, bytes) else Path(src).read_bytes()
+    if data[:5] == b"%PDF-":
+        raise NanovlError(f"{src}: PDFs go to endpoints as file parts, which this runner does not send yet")
+    kind = "video/mp4" if not isinstance(src, bytes) and is_video(src) else "image/png"
     return f"data:{kind};base64," + base64.b64encode(data).decode()
 
 
@@ -88,7 +109,8 @@ def run(task: str, items: list[Item], backend, out_dir: str | Path, concurrency:
     failed = 0
 
     def work(item: Item) -> dict:
-        rec = {"id": item.id, "question": item.question, "images": [str(p) for p in item.images], **item.gold}
+        images = [f"<{len(p)} bytes>" if isinstance(p, bytes) else str(p) for p in item.images]
+        rec = {"id": item.id, "question": item.question, "images": images, **item.gold}
         try:
             prediction, settings = backend.predict(item, max_tokens)
         except Exception as e:  # recorded and retried on the next run, never scored
@@ -112,6 +134,11 @@ def run(task: str, items: list[Item], backend, out_dir: str | Path, concurrency:
     scored = [done[it.id] for it in items if it.id in done]
     summary = {**summarise(task, scored), "model": backend.name, "failed": len(items) - len(scored)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if task in ("docvqa", "infovqa"):  # the RRC submission format, for test splits scored by the organisers
+        sub = [
+            {"questionId": int(r["id"]) if r["id"].isdigit() else r["id"], "answer": r["prediction"]} for r in scored
+        ]
+        (out / "submission.json").write_text(json.dumps(sub, ensure_ascii=False) + "\n")
     (out / "results.md").write_text(markdown(summary, reference))
     chart(summary, reference, out / "scores.png")
     return summary
