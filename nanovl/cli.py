@@ -378,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) > 1 and argv[0] == "eval" and argv[1] not in ("run", "score", "-h", "--help"):
+        argv.insert(1, "run")  # `nanovl eval TASK ...` is `nanovl eval run TASK ...`
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

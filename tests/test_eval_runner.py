@@ -132,3 +132,18 @@ def test_parquet_exports_ai2d_and_mmmu(tmp_path, tiny_v1):
 def test_docvqa_submission_file(tmp_path):
     run("docvqa", [Item("7", "q", [], {"answers": ["x"]})], Fake(), tmp_path)
     assert json.loads((tmp_path / "submission.json").read_text()) == [{"questionId": 7, "answer": "x"}]
+
+
+def test_lmms_parquet_docvqa_and_cli_alias(tmp_path, tiny_v1, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from nanovl.cli import main
+
+    rows = [{"questionId": "5", "question": "What is the total?", "answers": ["12.50"],
+             "image": {"bytes": png_bytes((250, 250, 250))}}]  # fmt: skip
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "docvqa.parquet")
+    assert main(["eval", "docvqa", "--data", str(tmp_path / "docvqa.parquet"), "--model", str(tiny_v1),
+                 "--out", str(tmp_path / "out"), "--max-tokens", "3"]) == 0  # fmt: skip
+    assert "docvqa:" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["n"] == 1

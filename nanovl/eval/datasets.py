@@ -226,10 +226,34 @@ LOADERS = {
 }
 
 
+# lmms-lab / HF parquet exports: question field, gold fields, image column
+PARQUET_FIELDS = {
+    "docvqa": ("questionId", "question", lambda r: {"answers": list(r["answers"])}, SHORT_ANSWER),
+    "infovqa": ("questionId", "question", lambda r: {"answers": list(r["answers"])}, SHORT_ANSWER),
+    "chartqa": (None, "question", lambda r: {"label": r["answer"], "split": str(r.get("type", "")).split("_")[0]},
+                SHORT_ANSWER),
+    "textvqa": ("question_id", "question", lambda r: {"answers": list(r["answers"])}, SHORT_ANSWER),
+    "ocrbench": (None, "question", lambda r: {"answers": r["answer"], "dataset_name": r.get("dataset", ""),
+                                              "type": r.get("question_type", "")}, ""),
+}  # fmt: skip
+
+
+def parquet(task: str, path: Path) -> Iterator[Item]:
+    key, question, gold, suffix = PARQUET_FIELDS[task]
+    for i, r in enumerate(_parquet_rows(path, "**/*.parquet", f"the {task} parquet export")):
+        try:
+            yield Item(str(r[key] if key else i), r[question] + suffix, [_image_bytes(r["image"])], gold(r))
+        except KeyError as e:
+            raise DataError(f"{path}: row {i} lacks {e}; expected the lmms-lab {task} parquet columns") from None
+
+
 def load(task: str, path: str | Path, images: str | Path | None = None) -> list[Item]:
     path, images = Path(path), Path(images) if images else None
     if path.suffix == ".jsonl" and task != "corpus":
         return list(jsonl(path, images))
+    is_parquet = path.suffix == ".parquet" or (path.is_dir() and any(path.glob("**/*.parquet")))
+    if task in PARQUET_FIELDS and is_parquet:
+        return list(parquet(task, path))
     if task not in LOADERS:
         raise DataError(f"no loader for {task!r} yet; give a .jsonl of records, or one of {', '.join(LOADERS)}")
     return list(LOADERS[task](path, images))
