@@ -1,15 +1,26 @@
 """Benchmark metrics as pure functions, by the official definitions (../shared/reference/METRICS.md).
 
-Where VLMEvalKit or lmms-eval score differently, the docstring says how; nanovl follows the official
-rule in every case:
-- ANLS: harnesses divide by the raw (not normalised) lengths and score NL = 0.5 as 0.5; officially
-  the lengths are the normalised ones and NL = 0.5 scores 0.
-- ChartQA: the prediction is stripped (as VLMEvalKit; lmms-eval does not strip). A gold value of 0
-  falls back to string comparison in both harnesses, and here too (the relaxed rule divides by it).
-- OCRBench v1: lmms-eval folds full-width ASCII to ASCII since 2026-07; the official script does not,
-  and neither does nanovl.
-- Multiple choice: VideoMME uses its official extractor; MMMU its official parser with random.seed(42);
-  AI2D has no official extractor and uses `choice_letter` (documented below).
+nanovl follows the official rule everywhere. Where VLMEvalKit or lmms-eval score differently:
+- ANLS (DocVQA, InfoVQA): both harnesses divide by the raw (not normalised) lengths, so trailing
+  whitespace raises the score ("abd\n" vs "abc": 0.75, officially 0.667), and score NL = 0.5 as 0.5
+  (officially 0).
+- ChartQA: VLMEvalKit strips the prediction, lmms-eval does not ("inspired " fails there); nanovl
+  strips, as the answer's meaning does not change. Both harnesses (and nanovl) compare a gold of 0 as
+  a string, count years as numbers and do not strip punctuation ("Yes." != "Yes").
+- TextVQA (VQA accuracy): lmms-eval uses the EvalAI / MMF processor (as nanovl), whose period rule
+  strips "25." to "25"; VLMEvalKit keeps a period after a digit and scores it 0.
+- OCRBench v1: lmms-eval strips the prediction and, since 2026-07, folds full-width ASCII to ASCII;
+  the official script and VLMEvalKit do neither, nor does nanovl. lmms-eval's aggregator also keeps a
+  module-level counter (scores double when run twice in one process).
+- AI2D: no official extractor. VLMEvalKit takes a lone capital letter among the last four words, then
+  "answer is X", then option text (else wrong, or an LLM judge); lmms-eval takes a leading "X." and
+  otherwise compares the raw response to the letter. nanovl's `choice_letter` accepts all the plain
+  styles of both and never guesses.
+- MMMU: lmms-eval's parser looks for "X " (trailing space only, so "MRI " yields "I"), draws unseeded
+  random letters, and at 75571cfe scores every open question 0; VLMEvalKit turns open questions into a
+  fake two-option MCQ. nanovl runs the official parsers, seeded with 42, on the full candidate list.
+- Video-MME: lmms-eval ranks candidate letters by position patterns; the official extractor (nanovl's)
+  takes the first A-D character after dropping answer prefixes.
 """
 
 from __future__ import annotations
