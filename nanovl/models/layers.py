@@ -131,3 +131,11 @@ class GeluMLP(nn.Module):
 
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x)))
+
+
+def output_positions(x: torch.Tensor, last_only: bool, last_index: torch.Tensor | None) -> torch.Tensor:
+    """The hidden states the lm_head needs: all, the last, or each row's own last (right-padded)."""
+    if last_index is not None:  # (B,)
+        return x[torch.arange(x.shape[0], device=x.device), last_index][:, None]
+    return x[:, -1:] if last_only else x
+

@@ -15,7 +15,7 @@ from torch import nn
 
 from nanovl.config import TextConfig
 from nanovl.models.cache import KVCache, SlotCache
-from nanovl.models.layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding
+from nanovl.models.layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding, output_positions
 
 
 class DecoderLayer(nn.Module):
@@ -101,8 +101,5 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, cos, sin, cache, i, mask)
         if cache is not None:
             cache.advance(T)
-        if last_index is not None:  # (B,): each row's own last position (right-padded batches)
-            x = x[torch.arange(x.shape[0], device=x.device), last_index][:, None]
-        elif last_only:
-            x = x[:, -1:]
+        x = output_positions(x, last_only, last_index)
         return self.lm_head(self.model.norm(x))

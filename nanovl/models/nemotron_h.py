@@ -24,7 +24,7 @@ from torch import nn
 
 from nanovl.config import NemotronHConfig
 from nanovl.models.cache import HybridCache, SlotCache
-from nanovl.models.layers import causal_mask
+from nanovl.models.layers import causal_mask, output_positions
 
 
 class RMSNorm(nn.Module):
@@ -286,8 +286,5 @@ class NemotronHForCausalLM(nn.Module):
             x = layer(x, cache, mask, valid)
         if cache is not None:
             cache.advance(x.shape[1])
-        if last_index is not None:  # (B,): each row's own last position (right-padded batches)
-            x = x[torch.arange(x.shape[0], device=x.device), last_index][:, None]
-        elif last_only:
-            x = x[:, -1:]
+        x = output_positions(x, last_only, last_index)
         return self.lm_head(self.backbone.norm_f(x))
