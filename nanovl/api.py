@@ -52,11 +52,13 @@ def load_text_model(model_dir: str | Path, dtype: str | None = None, pack: bool 
     """
     ckpt = load_config(model_dir)
     cls = text_model_class(ckpt)
+    index = checkpoint_index(model_dir)
     with torch.device("meta"):
         model = cls(ckpt.text)
+        quantize_from_checkpoint(model, model_dir, ckpt.raw, index, ckpt.text_prefix)
     optional = {"lm_head.weight": None} if ckpt.text.tie_word_embeddings else {}
     torch_dtype = resolve_dtype(dtype, ckpt.text.dtype)
-    load_weights(model, model_dir, ckpt.text_prefix, torch_dtype, optional)
+    load_weights(model, model_dir, ckpt.text_prefix, torch_dtype, optional, index=index)
     model.eval().requires_grad_(False)
     if pack and packing_supported(torch_dtype, model.device):
         pack_linears(model)
@@ -80,6 +82,7 @@ def load_vlm(model_dir: str | Path, dtype: str | None = None, pack: bool = False
         cfg.vision.align_corners = align_corners
     with torch.device("meta"):
         vlm = cls(cfg)
+        quantize_from_checkpoint(vlm.language_model, model_dir, ckpt.raw, index, "language_model.")
     torch_dtype = resolve_dtype(dtype, ckpt.text.dtype)
     load_weights(vlm, model_dir, "", torch_dtype, vlm.optional_weights(), cls.unused_weights, index)
     vlm.eval().requires_grad_(False)
@@ -112,6 +115,15 @@ def tile_spec(model_dir: str | Path):
     if cls is None:
         raise CheckpointError(f"{ckpt.architecture} is not a vision-language architecture ({', '.join(VLMS)})")
     return cls.tile_spec(ckpt.raw, preprocessor_config(model_dir))
+
+
+def quantize_from_checkpoint(model, model_dir, raw: dict, index: dict, prefix: str):
+    """Swap in the quantized Linear modules the checkpoint's files describe (nanovl/quant.py)."""
+    from nanovl.quant import read_quant_config, swap_quantized_linears
+
+    qcfg = read_quant_config(model_dir, raw)
+    if qcfg is not None:
+        swap_quantized_linears(model, qcfg, set(index), prefix)
 
 
 def preprocessor_config(model_dir: str | Path) -> dict:

@@ -138,4 +138,3 @@ def output_positions(x: torch.Tensor, last_only: bool, last_index: torch.Tensor 
     if last_index is not None:  # (B,)
         return x[torch.arange(x.shape[0], device=x.device), last_index][:, None]
     return x[:, -1:] if last_only else x
-

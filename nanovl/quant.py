@@ -1,0 +1,159 @@
+"""Quantized checkpoints as module swaps the model files never see: ModelOpt FP8 and NVFP4, AutoAWQ int4.
+
+- The scheme is read from the checkpoint (`hf_quant_config.json`, or `quantization_config` in
+  config.json), never guessed; an unknown algorithm is refused by name.
+- Which Linear layers are quantized is read from the tensors themselves: a layer whose checkpoint has
+  `weight_scale` (ModelOpt) or `qweight` (AWQ) becomes a quantized module; the config's
+  `exclude_modules` / `ignore` / `modules_to_not_convert` patterns must agree, and the vision tower is
+  never quantized (as in vLLM).
+- Weights stay at their stored size (fp8, packed 4-bit, int32 words); each forward dequantizes one
+  layer's weight to the activation dtype and multiplies, so no full-precision copy of the model ever
+  exists. Formats (ARCHITECTURE.md section 9):
+  - FP8: `weight` float8_e4m3fn [out, in], `weight_scale` fp32 scalar, `input_scale` fp32 scalar
+    (kept; this weight-only path does not quantize activations); w = weight * weight_scale.
+  - NVFP4: `weight` uint8 [out, in/2], two E2M1 values per byte, the even element in the low nibble;
+    `weight_scale` float8_e4m3fn [out, in/16]; `weight_scale_2` fp32; w = e2m1 * block scale * scale_2.
+  - AWQ (AutoAWQ GEMM): `qweight` int32 [in, out/8] and `qzeros` int32 [in/g, out/8], eight 4-bit
+    values per word in the order 0, 2, 4, 6, 1, 3, 5, 7; `scales` fp16 [in/g, out];
+    w[in, out] = (q - z) * s.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanovl.errors import CheckpointError
+
+ALGOS = ("FP8", "NVFP4", "AWQ")
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # position k of a word holds the value of column AWQ_ORDER[k]
+NEVER = ("vision_model*", "vision_tower*", "visual*")
+
+
+def read_quant_config(model_dir: str | Path, raw: dict) -> dict | None:
+    """{"algo": "FP8" | "NVFP4" | "AWQ", "group_size": int, "exclude": [patterns]} or None."""
+    path = Path(model_dir) / "hf_quant_config.json"
+    if path.is_file():
+        q = json.loads(path.read_text()).get("quantization", {})
+        algo, exclude, group = q.get("quant_algo"), q.get("exclude_modules") or [], q.get("group_size")
+    elif isinstance(raw.get("quantization_config"), dict):
+        q = raw["quantization_config"]
+        method = str(q.get("quant_method", "")).lower()
+        if method == "awq":
+            if q.get("bits", 4) != 4 or str(q.get("version", "gemm")).lower() != "gemm":
+                raise CheckpointError(f"AWQ with bits={q.get('bits')} version={q.get('version')}: only 4-bit GEMM")
+            algo, exclude, group = "AWQ", q.get("modules_to_not_convert") or [], q.get("group_size", 128)
+        elif method == "modelopt":
+            algo, exclude, group = q.get("quant_algo"), q.get("ignore") or [], q.get("group_size")
+        else:
+            raise CheckpointError(f"quantization method {method!r} is not supported (modelopt FP8/NVFP4, awq)")
+    else:
+        return None
+    if algo not in ALGOS:
+        raise CheckpointError(f"quantization algorithm {algo!r} is not supported (supported: {', '.join(ALGOS)})")
+    return {"algo": algo, "group_size": group or (16 if algo == "NVFP4" else 128), "exclude": list(exclude)}
+
+
+class FP8Linear(nn.Module):
+    def __init__(self, inp: int, out: int, bias: bool):
+        super().__init__()
+        self.register_buffer("weight", torch.empty(out, inp, dtype=torch.float8_e4m3fn))
+        self.register_buffer("weight_scale", torch.empty((), dtype=torch.float32))
+        self.register_buffer("input_scale", torch.empty((), dtype=torch.float32))
+        self.bias = nn.Parameter(torch.empty(out)) if bias else None
+
+    def dequantized(self, dtype) -> torch.Tensor:
+        return (self.weight.to(torch.float32) * self.weight_scale).to(dtype)
+
+    def forward(self, x):
+        return F.linear(x, self.dequantized(x.dtype), self.bias)
+
+
+class NVFP4Linear(nn.Module):
+    def __init__(self, inp: int, out: int, bias: bool, group: int = 16):
+        super().__init__()
+        if inp % group:
+            raise CheckpointError(f"NVFP4 needs in_features divisible by {group}, got {inp}")
+        self.group = group
+        self.register_buffer("weight", torch.empty(out, inp // 2, dtype=torch.uint8))
+        self.register_buffer("weight_scale", torch.empty(out, inp // group, dtype=torch.float8_e4m3fn))
+        self.register_buffer("weight_scale_2", torch.empty((), dtype=torch.float32))
+        self.register_buffer("input_scale", torch.empty((), dtype=torch.float32))
+        self.bias = nn.Parameter(torch.empty(out)) if bias else None
+
+    def dequantized(self, dtype) -> torch.Tensor:
+        out, half = self.weight.shape
+        nibbles = torch.stack([self.weight & 0xF, self.weight >> 4], dim=-1).reshape(out, 2 * half)  # (out, in)
+        values = E2M1.to(self.weight.device)[nibbles.long()]
+        scales = self.weight_scale.to(torch.float32).repeat_interleave(self.group, dim=1) * self.weight_scale_2
+        return (values * scales).to(dtype)
+
+    def forward(self, x):
+        return F.linear(x, self.dequantized(x.dtype), self.bias)
+
+
+class AWQLinear(nn.Module):
+    def __init__(self, inp: int, out: int, bias: bool, group: int = 128):
+        super().__init__()
+        if out % 8 or inp % group:
+            raise CheckpointError(f"AWQ needs out_features % 8 == 0 and in_features % {group} == 0 ({inp}x{out})")
+        self.group = group
+        self.register_buffer("qweight", torch.empty(inp, out // 8, dtype=torch.int32))
+        self.register_buffer("qzeros", torch.empty(inp // group, out // 8, dtype=torch.int32))
+        self.register_buffer("scales", torch.empty(inp // group, out, dtype=torch.float16))
+        self.bias = nn.Parameter(torch.empty(out)) if bias else None
+
+    @staticmethod
+    def unpack(words: torch.Tensor) -> torch.Tensor:
+        """(rows, cols/8) int32 -> (rows, cols) values 0..15 in column order."""
+        shifts = torch.arange(0, 32, 4, device=words.device)
+        nib = (words[..., None] >> shifts) & 0xF  # (rows, cols/8, 8): word position k
+        order = torch.tensor(AWQ_ORDER, device=words.device).argsort()  # column j sits at position order[j]
+        return nib[..., order].reshape(words.shape[0], -1)
+
+    def dequantized(self, dtype) -> torch.Tensor:
+        q = self.unpack(self.qweight).to(torch.float32)  # (in, out)
+        z = self.unpack(self.qzeros).to(torch.float32).repeat_interleave(self.group, dim=0)
+        s = self.scales.to(torch.float32).repeat_interleave(self.group, dim=0)
+        return ((q - z) * s).t().to(dtype)  # (out, in)
+
+    def forward(self, x):
+        return F.linear(x, self.dequantized(x.dtype), self.bias)
+
+
+MARKERS = {"FP8": "weight_scale", "NVFP4": "weight_scale", "AWQ": "qweight"}
+
+
+def swap_quantized_linears(model: nn.Module, qcfg: dict, keys: set[str], prefix: str = "") -> int:
+    """Replace, in place, every nn.Linear whose checkpoint tensors are quantized. Returns the count."""
+    marker, n = MARKERS[qcfg["algo"]], 0
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            full = f"{parent_name}.{name}" if parent_name else name
+            if type(child) is not nn.Linear or f"{prefix}{full}.{marker}" not in keys:
+                continue
+            if any(fnmatch.fnmatch(full, p) or fnmatch.fnmatch(prefix + full, p) for p in NEVER):
+                raise CheckpointError(f"{prefix}{full} is quantized, but nanovl keeps vision towers unquantized")
+            excluded = [p for p in qcfg["exclude"] if fnmatch.fnmatch(full, p) or fnmatch.fnmatch(prefix + full, p)]
+            if excluded:
+                raise CheckpointError(
+                    f"{prefix}{full} has quantized tensors but the config excludes it ({excluded[0]})"
+                )
+            inp, out, bias = child.in_features, child.out_features, child.bias is not None
+            if qcfg["algo"] == "FP8":
+                new = FP8Linear(inp, out, bias)
+            elif qcfg["algo"] == "NVFP4":
+                new = NVFP4Linear(inp, out, bias, qcfg["group_size"])
+            else:
+                new = AWQLinear(inp, out, bias, qcfg["group_size"])
+            setattr(parent, name, new)
+            n += 1
+    if n == 0:
+        raise CheckpointError(f"the config says {qcfg['algo']}, but no tensor carries {marker}: not quantized")
+    return n
