@@ -284,6 +284,18 @@ def cmd_eval(args):
           f"results in {out}/")  # fmt: skip
 
 
+def cmd_quantize(args):
+    from nanovl.quantize import quantize_fp8
+
+    if args.method != "fp8":
+        raise NanovlError(f"--method {args.method} is not implemented yet; available: fp8")
+    result = quantize_fp8(args.model, args.out, args.calibration, args.samples)
+    print(f"wrote an FP8 checkpoint to {args.out}")
+    print(f"  held-out tokens {result['held_out_tokens']}: logit error mean {result['logit_abs_error_mean']:.4f}, "
+          f"max {result['logit_abs_error_max']:.4f}; perplexity {result['perplexity_original']:.3f} -> "
+          f"{result['perplexity_quantized']:.3f} ({result['perplexity_change_percent']:+.2f}%)")  # fmt: skip
+
+
 def cmd_make_tiny(args):
     from nanovl.tiny import ALL_FAMILIES, write_checkpoint
 
@@ -367,6 +379,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--predictions", required=True, help="JSONL: the task's gold fields and `prediction`")
     e.add_argument("--json", action="store_true", help="print the summary as JSON")
     e.set_defaults(func=cmd_eval_score)
+
+    p = sub.add_parser("quantize", help="write a quantized checkpoint and report its accuracy cost")
+    p.add_argument("--model", required=True, help="checkpoint folder (a language model)")
+    p.add_argument("--method", required=True, choices=["fp8", "awq", "int8"], help="fp8 (awq, int8: not yet)")
+    p.add_argument("--out", required=True, help="output folder (new or empty)")
+    p.add_argument("--calibration", help="text file, one sample per line (default: built-in sentences)")
+    p.add_argument("--samples", type=int, default=64, help="calibration samples (default 64)")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("make-tiny", help="write a tiny random checkpoint in the HF layout (tests, benchmarks)")
     p.add_argument("family", help="llama | qwen2 | nemotron-nano-vl-v1 | nvlm-d")

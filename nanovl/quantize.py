@@ -1,0 +1,148 @@
+"""`nanovl quantize`: write a quantized checkpoint, and report what it costs.
+
+For now: FP8 in ModelOpt's layout (per-tensor `weight_scale` = max|W| / 448, `input_scale` calibrated
+as the largest |activation| seen entering the layer on calibration text / 448), with the
+`hf_quant_config.json` that nanovl and the engines reading ModelOpt checkpoints take. The language
+model's Linear layers are quantized; lm_head, the vision tower and the projector stay as they are.
+The report (printed, and written as quant_report.json beside the checkpoint) compares the new
+checkpoint with the original on held-out text: mean and max absolute logit error, perplexity before
+and after.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from nanovl.errors import NanovlError
+
+FP8_MAX = 448.0
+# Calibration and held-out text when the user gives none: document-like English, different halves.
+DEFAULT_TEXT = [
+    "Invoice number 2024-117 was issued on 3 March 2024 to Northwind Traders for 12 units of item A-44.",
+    "The subtotal is 1,250.00 EUR, VAT at 20 percent adds 250.00 EUR, and the total due is 1,500.00 EUR.",
+    "Quarterly revenue grew from 4.1 to 4.6 million dollars while operating costs stayed almost flat.",
+    "Please sign the form and return it to the human resources office before the end of the month.",
+    "The table lists each region, its number of stores, its sales in 2023 and the change from 2022.",
+    "Payment is due within thirty days; late payments incur interest of one percent per month.",
+    "The chart shows monthly rainfall in millimetres for three cities over a period of two years.",
+    "Receipt: two coffees 7.00, one sandwich 6.50, service 1.35, total 14.85, paid by card.",
+]
+
+
+def calibration_texts(source: str | None, samples: int) -> tuple[list[str], list[str]]:
+    """(calibration, held-out) texts: a text file's non-empty lines, or the built-in sentences."""
+    if source is None:
+        lines = DEFAULT_TEXT
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise NanovlError(f"{source}: calibration file not found (a text file, one sample per line)")
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+    if len(lines) < 2:
+        raise NanovlError("calibration needs at least two lines of text (one is held out)")
+    held = max(1, len(lines) // 4)
+    return lines[held:][:samples], lines[:held]
+
+
+@torch.inference_mode()
+def input_absmax(model: nn.Module, token_batches: list[torch.Tensor]) -> dict[str, float]:
+    """The largest |input| each Linear sees over the calibration batches."""
+    seen: dict[str, float] = {}
+    hooks = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+
+            def hook(mod, args, name=name):
+                seen[name] = max(seen.get(name, 0.0), float(args[0].detach().abs().max()))
+
+            hooks.append(module.register_forward_pre_hook(hook))
+    try:
+        for ids in token_batches:
+            model(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+@torch.inference_mode()
+def report(original: nn.Module, quantized: nn.Module, token_batches: list[torch.Tensor]) -> dict:
+    errors, nll = [], {"original": 0.0, "quantized": 0.0}
+    count = 0
+    for ids in token_batches:
+        a, b = original(ids).float(), quantized(ids).float()
+        errors.append((a - b).abs())
+        target = ids[:, 1:]
+        for key, logits in (("original", a), ("quantized", b)):
+            flat = logits[:, :-1].flatten(0, 1)
+            nll[key] += float(torch.nn.functional.cross_entropy(flat, target.flatten(), reduction="sum"))
+        count += target.numel()
+    err = torch.cat([e.flatten() for e in errors])
+    ppl = {k: math.exp(v / max(count, 1)) for k, v in nll.items()}
+    return {
+        "held_out_tokens": count,
+        "logit_abs_error_mean": float(err.mean()),
+        "logit_abs_error_max": float(err.max()),
+        "perplexity_original": ppl["original"],
+        "perplexity_quantized": ppl["quantized"],
+        "perplexity_change_percent": 100 * (ppl["quantized"] / ppl["original"] - 1),
+    }
+
+
+def quantize_fp8(model_dir: str, out_dir: str, calibration: str | None = None, samples: int = 64) -> dict:
+    from safetensors.torch import save_file
+
+    from nanovl.api import load_text_model
+    from nanovl.config import load_config
+    from nanovl.tokenizer import Tokenizer
+    from nanovl.weights import checkpoint_index
+
+    src, out = Path(model_dir), Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise NanovlError(f"{out} exists and is not empty")
+    ckpt = load_config(src)
+    if ckpt.text_prefix:
+        raise NanovlError("quantizing vision-language checkpoints is not supported yet (language models only)")
+    if (src / "hf_quant_config.json").is_file() or "quantization_config" in ckpt.raw:
+        raise NanovlError(f"{src} is already quantized")
+    model, _ = load_text_model(src, dtype="float32")
+    tokenizer = Tokenizer(src, ckpt.text.eos_token_ids)
+    calib, held = calibration_texts(calibration, samples)
+    batches = lambda texts: [torch.tensor([tokenizer.encode(t)]) for t in texts]  # noqa: E731
+    absmax = input_absmax(model, batches(calib))
+
+    state = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and name != "lm_head":
+            w = module.weight.detach()
+            scale = (w.abs().max() / FP8_MAX).clamp(min=1e-12)
+            state[f"{name}.weight"] = (w / scale).to(torch.float8_e4m3fn)
+            state[f"{name}.weight_scale"] = scale.reshape(())
+            state[f"{name}.input_scale"] = torch.tensor(max(absmax.get(name, 0.0), 1e-12) / FP8_MAX)
+            if module.bias is not None:
+                state[f"{name}.bias"] = module.bias.detach()
+    replaced = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
+    stored = set(checkpoint_index(src))  # the rest as the original stores it (a tied lm_head stays absent)
+    dtype = getattr(torch, ckpt.text.dtype, torch.float32)
+    for name, t in model.state_dict().items():
+        if name not in replaced and name not in state and name in stored:
+            state[name] = t.detach().to(dtype).contiguous()
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
+            shutil.copy2(f, out / f.name)
+    save_file({k: v.contiguous() for k, v in state.items()}, out / "model.safetensors", metadata={"format": "pt"})
+    hf_quant = {"producer": {"name": "nanovl"}, "quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": None,
+                                                                "exclude_modules": ["lm_head"]}}  # fmt: skip
+    (out / "hf_quant_config.json").write_text(json.dumps(hf_quant, indent=2) + "\n")
+
+    quantized, _ = load_text_model(out, dtype="float32")
+    result = {"method": "fp8", "calibration_samples": len(calib), **report(model, quantized, batches(held))}
+    (out / "quant_report.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
