@@ -285,12 +285,15 @@ def cmd_eval(args):
 
 
 def cmd_quantize(args):
-    from nanovl.quantize import quantize_fp8
+    from nanovl.quantize import quantize_awq, quantize_fp8
 
-    if args.method != "fp8":
-        raise NanovlError(f"--method {args.method} is not implemented yet; available: fp8")
-    result = quantize_fp8(args.model, args.out, args.calibration, args.samples)
-    print(f"wrote an FP8 checkpoint to {args.out}")
+    if args.method == "fp8":
+        result = quantize_fp8(args.model, args.out, args.calibration, args.samples)
+    elif args.method == "awq":
+        result = quantize_awq(args.model, args.out, args.calibration, args.samples, args.group_size)
+    else:
+        raise NanovlError(f"--method {args.method} is not implemented yet; available: fp8, awq")
+    print(f"wrote a {args.method} checkpoint to {args.out}")
     print(f"  held-out tokens {result['held_out_tokens']}: logit error mean {result['logit_abs_error_mean']:.4f}, "
           f"max {result['logit_abs_error_max']:.4f}; perplexity {result['perplexity_original']:.3f} -> "
           f"{result['perplexity_quantized']:.3f} ({result['perplexity_change_percent']:+.2f}%)")  # fmt: skip
@@ -382,7 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", help="write a quantized checkpoint and report its accuracy cost")
     p.add_argument("--model", required=True, help="checkpoint folder (a language model)")
-    p.add_argument("--method", required=True, choices=["fp8", "awq", "int8"], help="fp8 (awq, int8: not yet)")
+    p.add_argument("--method", required=True, choices=["fp8", "awq", "int8"], help="fp8, awq (int8: not yet)")
+    p.add_argument("--group-size", type=int, default=128, help="AWQ input columns per scale (default 128)")
     p.add_argument("--out", required=True, help="output folder (new or empty)")
     p.add_argument("--calibration", help="text file, one sample per line (default: built-in sentences)")
     p.add_argument("--samples", type=int, default=64, help="calibration samples (default 64)")

@@ -146,3 +146,158 @@ def quantize_fp8(model_dir: str, out_dir: str, calibration: str | None = None, s
     result = {"method": "fp8", "calibration_samples": len(calib), **report(model, quantized, batches(held))}
     (out / "quant_report.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+# --- AWQ int4 --------------------------------------------------------------------------------------
+
+
+def fake_quant_int4(w: torch.Tensor, group: int) -> torch.Tensor:
+    """Round-to-nearest asymmetric 4-bit per group of `group` input columns, dequantized. w: (out, in)."""
+    out, inp = w.shape
+    g = w.reshape(out, inp // group, group)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    scale = ((hi - lo) / 15).clamp(min=1e-8)
+    zero = torch.round(-lo / scale).clamp(0, 15)
+    q = torch.clamp(torch.round(g / scale) + zero, 0, 15)
+    return ((q - zero) * scale).reshape(out, inp)
+
+
+def awq_groups(layer) -> list[tuple[str, list[nn.Linear], object]]:
+    """The Llama-style layer's Linear groups that share an input, and how to fold 1/s before them."""
+    attn, mlp = layer.self_attn, layer.mlp
+
+    def into_norm(norm):
+        return lambda s: norm.weight.data.div_(s)
+
+    def into_rows(linear):
+        def fold(s):
+            linear.weight.data.div_(s[:, None])
+            if linear.bias is not None:
+                linear.bias.data.div_(s)
+
+        return fold
+
+    groups = [("qkv", [attn.q_proj, attn.k_proj, attn.v_proj], into_norm(layer.input_layernorm))]
+    if attn.v_proj.weight.shape == attn.o_proj.weight.shape:  # without GQA, o_proj's input is v_proj's rows
+        groups.append(("o", [attn.o_proj], into_rows(attn.v_proj)))
+    groups.append(("gate_up", [mlp.gate_proj, mlp.up_proj], into_norm(layer.post_attention_layernorm)))
+    groups.append(("down", [mlp.down_proj], into_rows(mlp.up_proj)))
+    return groups
+
+
+@torch.inference_mode()
+def awq_scales(model, token_batches, group: int, grid: int = 20) -> dict:
+    """Activation-aware scales: per group of Linear layers sharing an input, s = mean|x|^alpha
+    (normalised), alpha in [0, 1) on a grid, chosen to minimise the group's output error after
+    4-bit fake quantization of W * s (the AWQ search). Returns {(layer index, group name): (s, fold)}."""
+    inputs: dict[int, torch.Tensor] = {}
+    hooks = []
+    for layer in model.model.layers:
+        for _, linears, _ in awq_groups(layer):
+            key = id(linears[0])
+
+            def hook(mod, args, key=key):
+                x = args[0].detach().reshape(-1, args[0].shape[-1])
+                inputs[key] = torch.cat([inputs[key], x]) if key in inputs else x
+
+            hooks.append(linears[0].register_forward_pre_hook(hook))
+    try:
+        for ids in token_batches:
+            model(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    chosen = {}
+    for i, layer in enumerate(model.model.layers):
+        for name, linears, fold in awq_groups(layer):
+            x = inputs[id(linears[0])]
+            mean = x.abs().mean(0).clamp(min=1e-5)
+            want = [x @ lin.weight.t() for lin in linears]
+            best, best_s = float("inf"), torch.ones_like(mean)
+            for k in range(grid):
+                s = mean.pow(k / grid)
+                s = s / (s.max() * s.min()).sqrt()
+                err = sum(float((x @ (fake_quant_int4(lin.weight * s, group) / s).t() - y).pow(2).sum())
+                          for lin, y in zip(linears, want))  # fmt: skip
+                if err < best:
+                    best, best_s = err, s
+            chosen[(i, name)] = (best_s, fold, linears)
+    return chosen
+
+
+def pack_awq(values: torch.Tensor) -> torch.Tensor:
+    """(rows, cols) ints 0..15 -> (rows, cols/8) int32 in AutoAWQ's order (column AWQ_ORDER[k] at nibble k)."""
+    from nanovl.quant import AWQ_ORDER
+
+    rows, cols = values.shape
+    v = values.reshape(rows, cols // 8, 8).to(torch.int64)
+    word = torch.zeros(rows, cols // 8, dtype=torch.int64)
+    for k, col in enumerate(AWQ_ORDER):
+        word |= v[..., col] << (4 * k)
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+
+
+def awq_tensors(w: torch.Tensor, group: int) -> dict[str, torch.Tensor]:
+    """AutoAWQ GEMM tensors of a (out, in) weight: qweight, qzeros, scales."""
+    wt = w.t()  # (in, out)
+    inp, out = wt.shape
+    g = wt.reshape(inp // group, group, out)
+    lo, hi = g.amin(1), g.amax(1)
+    scale = ((hi - lo) / 15).clamp(min=1e-8)
+    zero = torch.round(-lo / scale).clamp(0, 15)
+    q = torch.clamp(torch.round(g / scale[:, None]) + zero[:, None], 0, 15).reshape(inp, out)
+    return {"qweight": pack_awq(q.long()), "qzeros": pack_awq(zero.long()), "scales": scale.half()}
+
+
+def quantize_awq(model_dir: str, out_dir: str, calibration: str | None = None, samples: int = 64,
+                 group: int = 128, search: bool = True) -> dict:  # fmt: skip
+    """AWQ int4 in AutoAWQ's GEMM layout; search=False gives plain round-to-nearest (the baseline)."""
+    from safetensors.torch import save_file
+
+    from nanovl.api import load_text_model
+    from nanovl.config import load_config
+    from nanovl.tokenizer import Tokenizer
+    from nanovl.weights import checkpoint_index
+
+    src, out = Path(model_dir), Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise NanovlError(f"{out} exists and is not empty")
+    ckpt = load_config(src)
+    if ckpt.text_prefix or not hasattr(ckpt.text, "rope"):
+        raise NanovlError("AWQ here covers Llama / Qwen2 language-model checkpoints")
+    original, _ = load_text_model(src, dtype="float32")
+    model, _ = load_text_model(src, dtype="float32")
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
+    bad = [n for n, m in linears.items() if m.in_features % group or m.out_features % 8]
+    if bad:
+        raise NanovlError(f"{bad[0]}: in_features must divide by the group size {group} (and out by 8)")
+    tokenizer = Tokenizer(src, ckpt.text.eos_token_ids)
+    calib, held = calibration_texts(calibration, samples)
+    batches = lambda texts: [torch.tensor([tokenizer.encode(t)]) for t in texts]  # noqa: E731
+    if search:
+        for s, fold, group_linears in awq_scales(model, batches(calib), group).values():
+            for lin in group_linears:
+                lin.weight.data.mul_(s)
+            fold(s)
+    state = {}
+    for name, t in model.state_dict().items():
+        base = name.rsplit(".", 1)[0]
+        if base in linears and name.endswith(".weight"):
+            state.update({f"{base}.{k}": v for k, v in awq_tensors(t, group).items()})
+        elif name in set(checkpoint_index(src)):
+            state[name] = t.detach().to(torch.float16 if t.is_floating_point() else t.dtype).contiguous()
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
+            shutil.copy2(f, out / f.name)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True,
+                                  "version": "gemm", "modules_to_not_convert": ["lm_head"]}  # fmt: skip
+    cfg["torch_dtype"] = "float16"
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    save_file({k: v.contiguous() for k, v in state.items()}, out / "model.safetensors", metadata={"format": "pt"})
+    quantized, _ = load_text_model(out, dtype="float32")
+    result = {"method": "awq" if search else "rtn", "group_size": group, "calibration_samples": len(calib),
+              **report(original, quantized, batches(held))}  # fmt: skip
+    (out / "quant_report.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
