@@ -285,14 +285,14 @@ def cmd_eval(args):
 
 
 def cmd_quantize(args):
-    from nanovl.quantize import quantize_awq, quantize_fp8
+    from nanovl.quantize import quantize_awq, quantize_fp8, quantize_int8
 
     if args.method == "fp8":
         result = quantize_fp8(args.model, args.out, args.calibration, args.samples)
-    elif args.method == "awq":
-        result = quantize_awq(args.model, args.out, args.calibration, args.samples, args.group_size)
+    elif args.method == "int8":
+        result = quantize_int8(args.model, args.out, args.calibration, args.samples)
     else:
-        raise NanovlError(f"--method {args.method} is not implemented yet; available: fp8, awq")
+        result = quantize_awq(args.model, args.out, args.calibration, args.samples, args.group_size)
     print(f"wrote a {args.method} checkpoint to {args.out}")
     print(f"  held-out tokens {result['held_out_tokens']}: logit error mean {result['logit_abs_error_mean']:.4f}, "
           f"max {result['logit_abs_error_max']:.4f}; perplexity {result['perplexity_original']:.3f} -> "
@@ -385,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", help="write a quantized checkpoint and report its accuracy cost")
     p.add_argument("--model", required=True, help="checkpoint folder (a language model)")
-    p.add_argument("--method", required=True, choices=["fp8", "awq", "int8"], help="fp8, awq (int8: not yet)")
+    p.add_argument("--method", required=True, choices=["fp8", "awq", "int8"], help="fp8, int8 or awq (int4)")
     p.add_argument("--group-size", type=int, default=128, help="AWQ input columns per scale (default 128)")
     p.add_argument("--out", required=True, help="output folder (new or empty)")
     p.add_argument("--calibration", help="text file, one sample per line (default: built-in sentences)")

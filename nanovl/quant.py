@@ -13,6 +13,8 @@
     (kept; this weight-only path does not quantize activations); w = weight * weight_scale.
   - NVFP4: `weight` uint8 [out, in/2], two E2M1 values per byte, the even element in the low nibble;
     `weight_scale` float8_e4m3fn [out, in/16]; `weight_scale_2` fp32; w = e2m1 * block scale * scale_2.
+  - INT8 (compressed-tensors W8A8 as vLLM reads it): `weight` int8 [out, in], `weight_scale` fp32
+    [out, 1]; activations quantized per token at run time; w = weight * weight_scale.
   - AWQ (AutoAWQ GEMM): `qweight` int32 [in, out/8] and `qzeros` int32 [in/g, out/8], eight 4-bit
     values per word in the order 0, 2, 4, 6, 1, 3, 5, 7; `scales` fp16 [in/g, out];
     w[in, out] = (q - z) * s.
@@ -30,7 +32,7 @@ from torch import nn
 
 from nanovl.errors import CheckpointError
 
-ALGOS = ("FP8", "NVFP4", "AWQ")
+ALGOS = ("FP8", "NVFP4", "AWQ", "INT8")
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # position k of a word holds the value of column AWQ_ORDER[k]
 NEVER = ("vision_model*", "vision_tower*", "visual*")
@@ -49,6 +51,14 @@ def read_quant_config(model_dir: str | Path, raw: dict) -> dict | None:
             if q.get("bits", 4) != 4 or str(q.get("version", "gemm")).lower() != "gemm":
                 raise CheckpointError(f"AWQ with bits={q.get('bits')} version={q.get('version')}: only 4-bit GEMM")
             algo, exclude, group = "AWQ", q.get("modules_to_not_convert") or [], q.get("group_size", 128)
+        elif method == "compressed-tensors":
+            groups = list((q.get("config_groups") or {}).values())
+            w = groups[0].get("weights", {}) if groups else {}
+            a = (groups[0].get("input_activations") or {}) if groups else {}
+            w8a8 = w.get("num_bits") == 8 and w.get("type") == "int" and w.get("strategy") == "channel"
+            if len(groups) != 1 or not w8a8 or not a.get("dynamic") or a.get("num_bits") != 8:
+                raise CheckpointError("compressed-tensors: only int8 per-channel weights with dynamic int8 activations")
+            algo, exclude, group = "INT8", q.get("ignore") or [], None
         elif method == "modelopt":
             algo, exclude, group = q.get("quant_algo"), q.get("ignore") or [], q.get("group_size")
         else:
@@ -127,7 +137,31 @@ class AWQLinear(nn.Module):
         return F.linear(x, self.dequantized(x.dtype), self.bias)
 
 
-MARKERS = {"FP8": "weight_scale", "NVFP4": "weight_scale", "AWQ": "qweight"}
+class Int8Linear(nn.Module):
+    """int8 weights with per-output-channel scales; activations quantized per token on the fly, the
+    product in int32 by `torch._int_mm` (AMX / VNNI on these CPUs), rescaled to the input dtype."""
+
+    def __init__(self, inp: int, out: int, bias: bool):
+        super().__init__()
+        self.register_buffer("weight", torch.empty(out, inp, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.empty(out, 1, dtype=torch.float32))
+        self.bias = nn.Parameter(torch.empty(out)) if bias else None
+
+    def dequantized(self, dtype) -> torch.Tensor:
+        return (self.weight.to(torch.float32) * self.weight_scale).to(dtype)
+
+    def forward(self, x):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).float()
+        scale = (x2.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-8)  # (tokens, 1)
+        xq = torch.round(x2 / scale).clamp(-127, 127).to(torch.int8)
+        y = torch._int_mm(xq, self.weight.t()).float() * scale * self.weight_scale.t()  # (tokens, out)
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype).reshape(*shape[:-1], -1)
+
+
+MARKERS = {"FP8": "weight_scale", "NVFP4": "weight_scale", "AWQ": "qweight", "INT8": "weight_scale"}
 
 
 def swap_quantized_linears(model: nn.Module, qcfg: dict, keys: set[str], prefix: str = "") -> int:
@@ -150,6 +184,8 @@ def swap_quantized_linears(model: nn.Module, qcfg: dict, keys: set[str], prefix:
                 new = FP8Linear(inp, out, bias)
             elif qcfg["algo"] == "NVFP4":
                 new = NVFP4Linear(inp, out, bias, qcfg["group_size"])
+            elif qcfg["algo"] == "INT8":
+                new = Int8Linear(inp, out, bias)
             else:
                 new = AWQLinear(inp, out, bias, qcfg["group_size"])
             setattr(parent, name, new)

@@ -95,7 +95,13 @@ def report(original: nn.Module, quantized: nn.Module, token_batches: list[torch.
     }
 
 
-def quantize_fp8(model_dir: str, out_dir: str, calibration: str | None = None, samples: int = 64) -> dict:
+def quantize_int8(model_dir: str, out_dir: str, calibration: str | None = None, samples: int = 64) -> dict:
+    """int8 per-channel weights, dynamic per-token int8 activations, in the compressed-tensors layout."""
+    return quantize_fp8(model_dir, out_dir, calibration, samples, method="int8")
+
+
+def quantize_fp8(model_dir: str, out_dir: str, calibration: str | None = None, samples: int = 64,
+                 method: str = "fp8") -> dict:  # fmt: skip
     from safetensors.torch import save_file
 
     from nanovl.api import load_text_model
@@ -115,16 +121,21 @@ def quantize_fp8(model_dir: str, out_dir: str, calibration: str | None = None, s
     tokenizer = Tokenizer(src, ckpt.text.eos_token_ids)
     calib, held = calibration_texts(calibration, samples)
     batches = lambda texts: [torch.tensor([tokenizer.encode(t)]) for t in texts]  # noqa: E731
-    absmax = input_absmax(model, batches(calib))
+    absmax = input_absmax(model, batches(calib)) if method == "fp8" else {}
 
     state = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and name != "lm_head":
             w = module.weight.detach()
-            scale = (w.abs().max() / FP8_MAX).clamp(min=1e-12)
-            state[f"{name}.weight"] = (w / scale).to(torch.float8_e4m3fn)
-            state[f"{name}.weight_scale"] = scale.reshape(())
-            state[f"{name}.input_scale"] = torch.tensor(max(absmax.get(name, 0.0), 1e-12) / FP8_MAX)
+            if method == "fp8":
+                scale = (w.abs().max() / FP8_MAX).clamp(min=1e-12)
+                state[f"{name}.weight"] = (w / scale).to(torch.float8_e4m3fn)
+                state[f"{name}.weight_scale"] = scale.reshape(())
+                state[f"{name}.input_scale"] = torch.tensor(max(absmax.get(name, 0.0), 1e-12) / FP8_MAX)
+            else:  # int8, symmetric per output channel
+                scale = (w.abs().amax(1, keepdim=True) / 127).clamp(min=1e-12)
+                state[f"{name}.weight"] = torch.round(w / scale).clamp(-127, 127).to(torch.int8)
+                state[f"{name}.weight_scale"] = scale.float()
             if module.bias is not None:
                 state[f"{name}.bias"] = module.bias.detach()
     replaced = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
@@ -138,12 +149,22 @@ def quantize_fp8(model_dir: str, out_dir: str, calibration: str | None = None, s
         if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
             shutil.copy2(f, out / f.name)
     save_file({k: v.contiguous() for k, v in state.items()}, out / "model.safetensors", metadata={"format": "pt"})
-    hf_quant = {"producer": {"name": "nanovl"}, "quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": None,
-                                                                "exclude_modules": ["lm_head"]}}  # fmt: skip
-    (out / "hf_quant_config.json").write_text(json.dumps(hf_quant, indent=2) + "\n")
+    if method == "fp8":
+        hf_quant = {"producer": {"name": "nanovl"}, "quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": None,
+                                                                    "exclude_modules": ["lm_head"]}}  # fmt: skip
+        (out / "hf_quant_config.json").write_text(json.dumps(hf_quant, indent=2) + "\n")
+    else:
+        cfg = json.loads((src / "config.json").read_text())
+        scheme = {"targets": ["Linear"],
+                  "weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": False},
+                  "input_activations": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token",
+                                        "dynamic": True}}  # fmt: skip
+        cfg["quantization_config"] = {"quant_method": "compressed-tensors", "format": "int-quantized",
+                                      "config_groups": {"group_0": scheme}, "ignore": ["lm_head"]}  # fmt: skip
+        (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
     quantized, _ = load_text_model(out, dtype="float32")
-    result = {"method": "fp8", "calibration_samples": len(calib), **report(model, quantized, batches(held))}
+    result = {"method": method, "calibration_samples": len(calib), **report(model, quantized, batches(held))}
     (out / "quant_report.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
