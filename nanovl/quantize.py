@@ -271,7 +271,7 @@ def awq_tensors(w: torch.Tensor, group: int) -> dict[str, torch.Tensor]:
 
 
 def quantize_awq(model_dir: str, out_dir: str, calibration: str | None = None, samples: int = 64,
-                 group: int = 128, search: bool = True) -> dict:  # fmt: skip
+                 group: int = 128, search: bool = True, grid: int = 20) -> dict:  # fmt: skip
     """AWQ int4 in AutoAWQ's GEMM layout; search=False gives plain round-to-nearest (the baseline)."""
     from safetensors.torch import save_file
 
@@ -296,7 +296,7 @@ def quantize_awq(model_dir: str, out_dir: str, calibration: str | None = None, s
     calib, held = calibration_texts(calibration, samples)
     batches = lambda texts: [torch.tensor([tokenizer.encode(t)]) for t in texts]  # noqa: E731
     if search:
-        for s, fold, group_linears in awq_scales(model, batches(calib), group).values():
+        for s, fold, group_linears in awq_scales(model, batches(calib), group, grid).values():
             for lin in group_linears:
                 lin.weight.data.mul_(s)
             fold(s)
