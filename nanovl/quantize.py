@@ -50,24 +50,25 @@ def calibration_texts(source: str | None, samples: int) -> tuple[list[str], list
     return lines[held:][:samples], lines[:held]
 
 
-@torch.inference_mode()
-def input_absmax(model: nn.Module, token_batches: list[torch.Tensor]) -> dict[str, float]:
-    """The largest |input| each Linear sees over the calibration batches."""
-    seen: dict[str, float] = {}
-    hooks = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-
-            def hook(mod, args, name=name):
-                seen[name] = max(seen.get(name, 0.0), float(args[0].detach().abs().max()))
-
-            hooks.append(module.register_forward_pre_hook(hook))
+def record_inputs(model: nn.Module, modules: dict, record, token_batches: list[torch.Tensor]):
+    """Run the batches through `model`, calling record(key, x) with the input x of each module."""
+    hooks = [m.register_forward_pre_hook(lambda mod, args, key=key: record(key, args[0].detach()))
+             for key, m in modules.items()]  # fmt: skip
     try:
         for ids in token_batches:
             model(ids)
     finally:
         for h in hooks:
             h.remove()
+
+
+@torch.inference_mode()
+def input_absmax(model: nn.Module, token_batches: list[torch.Tensor]) -> dict[str, float]:
+    """The largest |input| each Linear sees over the calibration batches."""
+    seen: dict[str, float] = {}
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    record_inputs(model, linears, lambda k, x: seen.__setitem__(k, max(seen.get(k, 0.0), float(x.abs().max()))),
+                  token_batches)  # fmt: skip
     return seen
 
 
@@ -212,22 +213,13 @@ def awq_scales(model, token_batches, group: int, grid: int = 20) -> dict:
     (normalised), alpha in [0, 1) on a grid, chosen to minimise the group's output error after
     4-bit fake quantization of W * s (the AWQ search). Returns {(layer index, group name): (s, fold)}."""
     inputs: dict[int, torch.Tensor] = {}
-    hooks = []
-    for layer in model.model.layers:
-        for _, linears, _ in awq_groups(layer):
-            key = id(linears[0])
 
-            def hook(mod, args, key=key):
-                x = args[0].detach().reshape(-1, args[0].shape[-1])
-                inputs[key] = torch.cat([inputs[key], x]) if key in inputs else x
+    def record(key, x):
+        x = x.reshape(-1, x.shape[-1])
+        inputs[key] = torch.cat([inputs[key], x]) if key in inputs else x
 
-            hooks.append(linears[0].register_forward_pre_hook(hook))
-    try:
-        for ids in token_batches:
-            model(ids)
-    finally:
-        for h in hooks:
-            h.remove()
+    firsts = {id(linears[0]): linears[0] for layer in model.model.layers for _, linears, _ in awq_groups(layer)}
+    record_inputs(model, firsts, record, token_batches)
     chosen = {}
     for i, layer in enumerate(model.model.layers):
         for name, linears, fold in awq_groups(layer):
