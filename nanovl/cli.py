@@ -39,6 +39,12 @@ def add_sampling_args(p: argparse.ArgumentParser):
 
 
 def sampling_kwargs(args) -> dict:
+    if getattr(args, "_sampling", None) is None:  # read once (a --json-schema file among them)
+        args._sampling = _sampling_kwargs(args)
+    return args._sampling
+
+
+def _sampling_kwargs(args) -> dict:
     return dict(
         max_new_tokens=args.max_tokens,
         temperature=args.temperature,

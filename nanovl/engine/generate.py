@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from nanovl.engine.reasoning import split_reasoning
-from nanovl.engine.sampling import SamplingParams, apply_repetition_penalty, sample
+from nanovl.engine.sampling import SamplingParams, apply_repetition_penalty, make_generator, sample
 from nanovl.errors import RequestError
 from nanovl.models.layers import causal_mask
 
@@ -99,10 +99,7 @@ class TokenGenerator:
             seen = torch.zeros_like(logits, dtype=torch.bool)
             for i, x in enumerate(self.prompts):
                 seen[i, torch.tensor(x, device=device)] = True
-        generator = None
-        if not p.greedy:
-            generator = torch.Generator(device=device)
-            generator.manual_seed(p.seed if p.seed is not None else torch.seed())
+        generator = make_generator(p, device)
 
         for step in range(self.max_new):
             self.logits = logits

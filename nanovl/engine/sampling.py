@@ -52,6 +52,15 @@ class SamplingParams:
         return self.temperature == 0
 
 
+def make_generator(p: SamplingParams, device) -> torch.Generator | None:
+    """The random source of one sampled completion: seeded when asked, fresh otherwise; none for greedy."""
+    if p.greedy:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(p.seed if p.seed is not None else torch.seed())
+    return generator
+
+
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     # logits: (B, V) float; seen: (B, V) bool. Positive logits are divided, negative multiplied (CTRL).
     if penalty == 1.0:

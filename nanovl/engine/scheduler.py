@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nanovl.engine.generate import Delta, StopText, json_constraint
-from nanovl.engine.sampling import SamplingParams, apply_repetition_penalty, sample
+from nanovl.engine.sampling import SamplingParams, apply_repetition_penalty, make_generator, sample
 from nanovl.errors import RequestError
 
 
@@ -217,10 +217,7 @@ class Scheduler:
     def _start(self, req: Request, slot: int, logits: torch.Tensor):
         """A prefilled request becomes a running row, its first token sampled from `logits`."""
         p, device = req.params, self.model.device
-        generator = None
-        if not p.greedy:
-            generator = torch.Generator(device=device)
-            generator.manual_seed(p.seed if p.seed is not None else torch.seed())
+        generator = make_generator(p, device)
         seen = None
         if p.repetition_penalty != 1.0:
             seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
