@@ -54,4 +54,13 @@ def test_think_switch_reaches_the_prompt(tiny_v2):
     assert m.tokenizer.decode(off.ids).endswith("<think></think>")  # the template closes it for /no_think
     assert "System\n/think\nBe brief.\n" in m.tokenizer.decode(on.ids)
     c = m.ask(page, "Q", think=True, max_new_tokens=4)
-    assert c.answer == c.text or c.reasoning is not None
+    from nanovl.engine import SamplingParams, generate
+
+    want = generate(
+        m.model,
+        m.tokenizer,
+        [on.ids[:0] + m.prepare(m.load_images(page), "Q", system="/think").ids],
+        SamplingParams(max_new_tokens=4),
+        embeds=[m.prepare(m.load_images(page), "Q", system="/think").embeds],
+    )
+    assert c.token_ids == want[0].token_ids  # think=True is exactly the /think system prompt

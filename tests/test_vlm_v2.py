@@ -78,10 +78,12 @@ def test_v2_preprocessing_is_torch_bicubic_antialias(v2):
 
 
 def test_v2_ask_thinks_and_answers(v2):
-    c = v2.ask(
-        [__import__("PIL.Image", fromlist=["Image"]).new("RGB", (600, 400), "white")],
-        "Total?",
-        max_new_tokens=8,
-        system="/think",
-    )
-    assert c.finish_reason in ("stop", "length") and c.answer is not None
+    from PIL import Image
+
+    page = Image.new("RGB", (600, 400), "white")
+    a = v2.ask(page, "Total?", max_new_tokens=8, system="/think")
+    b = v2.ask(page, "Total?", max_new_tokens=8, think=True)  # the switch is that system prompt
+    assert a.token_ids == b.token_ids and a.finish_reason in ("stop", "length")
+    off = v2.prepare(v2.load_images(page), "Total?", system="/no_think")
+    assert v2.tokenizer.decode(off.ids).endswith("<SPECIAL_11>Assistant\n<think></think>")
+    assert a.text.endswith(a.answer) and (a.reasoning is None) == ("</think>" not in a.text)
