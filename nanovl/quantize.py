@@ -173,15 +173,21 @@ def quantize_fp8(model_dir: str, out_dir: str, calibration: str | None = None, s
 # --- AWQ int4 --------------------------------------------------------------------------------------
 
 
-def fake_quant_int4(w: torch.Tensor, group: int) -> torch.Tensor:
-    """Round-to-nearest asymmetric 4-bit per group of `group` input columns, dequantized. w: (out, in)."""
+def int4_codes(w: torch.Tensor, group: int):
+    """Round-to-nearest asymmetric 4-bit per group of `group` input columns. w: (out, in) ->
+    codes (out, in/group, group) in 0..15, scales and zero points (out, in/group, 1)."""
     out, inp = w.shape
     g = w.reshape(out, inp // group, group)
     lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
     scale = ((hi - lo) / 15).clamp(min=1e-8)
     zero = torch.round(-lo / scale).clamp(0, 15)
-    q = torch.clamp(torch.round(g / scale) + zero, 0, 15)
-    return ((q - zero) * scale).reshape(out, inp)
+    return torch.clamp(torch.round(g / scale) + zero, 0, 15), scale, zero
+
+
+def fake_quant_int4(w: torch.Tensor, group: int) -> torch.Tensor:
+    """int4_codes, dequantized back to (out, in)."""
+    q, scale, zero = int4_codes(w, group)
+    return ((q - zero) * scale).reshape(w.shape)
 
 
 def awq_groups(layer) -> list[tuple[str, list[nn.Linear], object]]:
@@ -251,15 +257,11 @@ def pack_awq(values: torch.Tensor) -> torch.Tensor:
 
 
 def awq_tensors(w: torch.Tensor, group: int) -> dict[str, torch.Tensor]:
-    """AutoAWQ GEMM tensors of a (out, in) weight: qweight, qzeros, scales."""
-    wt = w.t()  # (in, out)
-    inp, out = wt.shape
-    g = wt.reshape(inp // group, group, out)
-    lo, hi = g.amin(1), g.amax(1)
-    scale = ((hi - lo) / 15).clamp(min=1e-8)
-    zero = torch.round(-lo / scale).clamp(0, 15)
-    q = torch.clamp(torch.round(g / scale[:, None]) + zero[:, None], 0, 15).reshape(inp, out)
-    return {"qweight": pack_awq(q.long()), "qzeros": pack_awq(zero.long()), "scales": scale.half()}
+    """AutoAWQ GEMM tensors of a (out, in) weight: qweight (in, out/8), qzeros and scales (in/g, out)."""
+    q, scale, zero = int4_codes(w, group)
+    codes = q.reshape(w.shape).t()  # (in, out)
+    zeros, scales = zero[..., 0].t(), scale[..., 0].t()  # (in/group, out)
+    return {"qweight": pack_awq(codes.long()), "qzeros": pack_awq(zeros.long()), "scales": scales.half()}
 
 
 def quantize_awq(model_dir: str, out_dir: str, calibration: str | None = None, samples: int = 64,
