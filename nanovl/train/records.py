@@ -1,0 +1,173 @@
+"""Synthetic documents -> training conversations and evaluation records (`nanovl synth`).
+
+A training record is one JSON line:
+  {"id": ..., "images": ["images/x.png", ...], "messages": [{"role": "user", "content": "<image>\\n..."},
+   {"role": "assistant", "content": "..."}, ...], "meta": {"kind", "seed", "split", "task"}}
+with image paths relative to the JSONL file and one `<image>` placeholder per image, in order.
+
+Tasks (one file each, so a stage config picks what it trains on):
+- transcribe: the document's full text (stage 1: image-text pairs).
+- interleaved: several documents (or the pages of one) alternating image and text (stage 2).
+- qa: every question about a document as one multi-turn conversation (stage 3).
+- extract: the key-value fields as JSON (stage 3).
+- text: text-only instructions (arithmetic, reading a snippet, JSON, sorting) for the re-blend.
+An evaluation split (seeds >= EVAL_SEED_START) also writes eval.jsonl: one record per question,
+plus one transcription item per document, in the evaluation harness's jsonl format.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from tqdm import tqdm
+
+from nanovl.errors import NanovlError
+from nanovl.train.synth import CITIES, EVAL_SEED_START, FIRST, GROCERY, KINDS, LAST, Doc, company, make_doc
+
+TASKS = ("transcribe", "interleaved", "qa", "extract", "text")
+TRANSCRIBE = "Transcribe the text of this document."
+EXTRACT = "Extract the key fields of this document as JSON."
+
+
+def doc_records(doc: Doc, paths: list[str], split: str) -> dict[str, list[dict]]:
+    meta = {"kind": doc.kind, "seed": doc.seed, "split": split}
+    images = "".join("<image>\n" for _ in paths)
+    out = {
+        "transcribe": [_conv(f"{doc.kind}-{doc.seed}-t", paths, [images + TRANSCRIBE, doc.transcription], meta)],
+        "extract": [_conv(f"{doc.kind}-{doc.seed}-x", paths, [images + EXTRACT, json.dumps(doc.fields)], meta)],
+    }
+    turns = []
+    for k, q in enumerate(doc.qa):
+        turns += [(images if k == 0 else "") + q["question"], q["answer"]]
+    out["qa"] = [_conv(f"{doc.kind}-{doc.seed}-q", paths, turns, meta)]
+    # pages alternate with their text; a one-page document is grouped with others by `interleave`
+    turns = [t for p, page in zip(paths, doc.clean) for t in ("<image>", page.transcription)]
+    out["interleaved"] = [_conv(f"{doc.kind}-{doc.seed}-i", paths, turns, meta)]
+    return out
+
+
+def _conv(rid: str, images: list[str], turns: list[str], meta: dict) -> dict:
+    roles = ("user", "assistant")
+    messages = [{"role": roles[k % 2], "content": t} for k, t in enumerate(turns)]
+    return {"id": rid, "images": images, "messages": messages, "meta": {**meta, "task": rid.rsplit("-", 1)[1]}}
+
+
+def interleave(records: list[dict], rng: random.Random, per: int = 3) -> list[dict]:
+    """Group single-page interleaved records into conversations of up to `per` documents."""
+    records = records[:]
+    rng.shuffle(records)
+    out = []
+    for k in range(0, len(records), per):
+        group = records[k : k + per]
+        out.append({
+            "id": "+".join(r["id"] for r in group),
+            "images": [p for r in group for p in r["images"]],
+            "messages": [m for r in group for m in r["messages"]],
+            "meta": {**group[0]["meta"], "kind": "+".join(r["meta"]["kind"] for r in group)},
+        })  # fmt: skip
+    return out
+
+
+def eval_records(doc: Doc, paths: list[str]) -> list[dict]:
+    base = {"images": paths, "kind": doc.kind, "seed": doc.seed}
+    recs = [{"id": f"{doc.kind}-{doc.seed}-{k}", "question": q["question"], "answers": [q["answer"]],
+             "type": q["type"], **base} for k, q in enumerate(doc.qa)]  # fmt: skip
+    recs.append({"id": f"{doc.kind}-{doc.seed}-t", "question": TRANSCRIBE, "answers": [doc.transcription],
+                 "type": "transcription", **base})  # fmt: skip
+    return recs
+
+
+def text_instruction(seed: int, split: str = "train") -> dict:
+    """One text-only instruction sample (deterministic per seed)."""
+    rng = random.Random(f"text:{seed}")
+    a, b = rng.randint(2, 999), rng.randint(2, 99)
+    person, city = f"{rng.choice(FIRST)} {rng.choice(LAST)}", rng.choice(CITIES)
+    nums = rng.sample(range(1, 100), rng.randint(3, 6))
+    items = rng.sample(GROCERY, 3)
+    kind = rng.randrange(6)
+    if kind == 0:
+        q, ans = f"What is {a} + {b}?", str(a + b)
+    elif kind == 1:
+        q, ans = f"What is {a} minus {b}?", str(a - b)
+    elif kind == 2:
+        vendor, total = company(rng), f"{a}.{b:02d}"
+        q = f"Invoice from {vendor}, amount due {total}, customer {person}. Who is the customer?"
+        ans = person
+    elif kind == 3:
+        q = f"Write the name and the city as JSON with keys name and city. Name: {person}. City: {city}."
+        ans = json.dumps({"name": person, "city": city})
+    elif kind == 4:
+        q, ans = f"Sort from smallest to largest: {', '.join(map(str, nums))}", ", ".join(map(str, sorted(nums)))
+    else:
+        q, ans = f"How many items are in this list: {', '.join(items)}?", str(len(items))
+    return _conv(f"text-{seed}-s", [], [q, ans], {"kind": "text", "seed": seed, "split": split})
+
+
+def _render(args) -> tuple[str, list[dict], dict[str, list[dict]]]:
+    kind, seed, out, split, strength = args
+    doc = make_doc(kind, seed, strength)
+    paths = []
+    for i, page in enumerate(doc.pages):
+        rel = f"images/{kind}-{seed}-p{i + 1}.png"
+        page.save(out / rel)
+        paths.append(rel)
+    return kind, eval_records(doc, paths) if split == "eval" else [], doc_records(doc, paths, split)
+
+
+def write_dataset(
+    out: str | Path,
+    count: int,
+    kinds: list[str] = KINDS,
+    start: int = 0,
+    split: str = "train",
+    text_count: int = 0,
+    augment: float = 1.0,
+    workers: int = 1,
+) -> dict[str, int]:
+    """Render `count` documents per kind with seeds start.. (eval: EVAL_SEED_START + start..) into
+    OUT/images and the task JSONL files; returns the record count per file."""
+    if split not in ("train", "eval"):
+        raise NanovlError(f"split must be train or eval, not {split!r}")
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise NanovlError(f"unknown document kind(s) {', '.join(unknown)}; choose from {', '.join(KINDS)}")
+    first = start + (EVAL_SEED_START if split == "eval" else 0)
+    if split == "train" and first + count > EVAL_SEED_START:
+        raise NanovlError(f"training seeds must stay below {EVAL_SEED_START} (reserved for evaluation)")
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    jobs = [(k, s, out, split, augment) for s in range(first, first + count) for k in kinds]
+    per_task: dict[str, list[dict]] = {t: [] for t in TASKS}
+    evals = []
+    pool = ProcessPoolExecutor(workers) if workers > 1 else None
+    results = pool.map(_render, jobs, chunksize=8) if pool else map(_render, jobs)
+    for _, ev, recs in tqdm(results, total=len(jobs), desc="nanovl synth", unit="doc"):
+        evals += ev
+        for task, rs in recs.items():
+            per_task[task] += rs
+    if pool:
+        pool.shutdown()
+    rng = random.Random(f"interleave:{split}:{first}")
+    single = [r for r in per_task["interleaved"] if len(r["images"]) == 1]
+    per_task["interleaved"] = [r for r in per_task["interleaved"] if len(r["images"]) > 1] + interleave(single, rng)
+    per_task["text"] = [text_instruction(s, split) for s in range(first, first + text_count)]
+    counts = {}
+    for task, rs in per_task.items():
+        if rs:
+            counts[f"{task}.jsonl"] = _write_jsonl(out / f"{task}.jsonl", rs)
+    if evals:
+        counts["eval.jsonl"] = _write_jsonl(out / "eval.jsonl", evals)
+    return counts
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> int:
+    tmp = path.with_suffix(".jsonl.tmp")
+    with open(tmp, "w") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return len(records)
