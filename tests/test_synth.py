@@ -194,4 +194,5 @@ def test_text_instructions_are_deterministic_and_right():
             nums = [int(x) for x in q.split(": ")[1].split(", ")]
             assert a == ", ".join(map(str, sorted(nums)))
         elif q.startswith("Write the name"):
-            assert json.loads(a) == {"name": re.search(r"Name: (.*?)\.", q)[1], "city": re.search(r"City: (.*?)\.", q)[1]}
+            name, city = re.search(r"Name: (.*?)\.", q)[1], re.search(r"City: (.*?)\.", q)[1]
+            assert json.loads(a) == {"name": name, "city": city}
