@@ -404,6 +404,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_tiny)
+
+    from nanovl.train.cli import add_train_commands
+
+    add_train_commands(sub)
     return parser
 
 

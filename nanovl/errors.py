@@ -16,3 +16,7 @@ class CheckpointError(NanovlError):
 
 class RequestError(NanovlError):
     """A generation request is invalid: sampling values, prompt length, stop strings."""
+
+
+class DataError(NanovlError):
+    """A data file (benchmark, training set, config) is missing or malformed; the message names it."""

@@ -327,9 +327,10 @@ def write_checkpoint(
     max_shard_bytes: int | None = None,
     vocab_size: int | None = None,
     vision: dict | None = None,
+    image_size: int | None = None,
 ) -> Path:
     """Write a random checkpoint of `family` (one of ALL_FAMILIES). `size` overrides the text model's
-    size fields, `vision` the vision_config's (VLM families)."""
+    size fields, `vision` the vision_config's, `image_size` the tile size (VLM families)."""
     if family not in ALL_FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose from {', '.join(ALL_FAMILIES)}")
     vlm = VLM_FAMILIES.get(family)
@@ -367,8 +368,12 @@ def write_checkpoint(
         if vision:
             hf["vision_config"] = {**hf["vision_config"], **vision}
             hf["vit_hidden_size"] = hf["vision_config"]["hidden_size"]
-        if "preprocessor" in vlm:
-            (out / "preprocessor_config.json").write_text(json.dumps(vlm["preprocessor"], indent=2) + "\n")
+        pre = dict(vlm.get("preprocessor", {}))
+        if image_size:
+            hf["force_image_size"] = image_size
+            pre = {**pre, "image_size": image_size} if pre else pre
+        if pre:
+            (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
     else:
         hf = text
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")

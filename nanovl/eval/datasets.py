@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nanovl.errors import NanovlError
+from nanovl.errors import DataError
 
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 LETTER_ANSWER = "\nAnswer with the option's letter from the given choices directly."
@@ -56,10 +56,6 @@ class Item:
     images: list[Path | bytes]  # files, or image bytes from a parquet export
     gold: dict = field(default_factory=dict)
     pages: str | None = None
-
-
-class DataError(NanovlError):
-    """A benchmark file that is missing or not in the expected format."""
 
 
 def _read_json(path: Path, expected: str):
