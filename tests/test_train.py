@@ -41,8 +41,9 @@ def work(tmp_path_factory):
 
 
 def config(work: Path, name: str, **fields) -> Path:
-    cfg = {"stage": "sft", "model": str(work / "base"), "out": str(work / name), "data": [str(work / "data/qa8.jsonl")],
-           "steps": 8, "batch_size": 4, "grad_accum": 2, "lr": 3e-3, "max_tiles": 1, "threads": 1, **fields}  # fmt: skip
+    cfg = {"stage": "sft", "model": str(work / "base"), "out": str(work / name),
+           "data": [str(work / "data/qa8.jsonl")], "steps": 8, "batch_size": 4, "grad_accum": 2,
+           "lr": 3e-3, "max_tiles": 1, "threads": 1, **fields}  # fmt: skip
     path = work / f"{name}.json"
     path.write_text(json.dumps(cfg))
     return path
