@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +54,7 @@ class TrainConfig:
     seq_len: int = 2048  # tokens per packed row; a longer sample is an error (or a skip)
     max_tiles: int | None = None  # per-image tile budget; None = the checkpoint's
     pack: bool = True
-    bf16: bool = True  # autocast matmuls to bfloat16; master weights stay float32
+    bf16: bool | str = "auto"  # autocast to bfloat16 (weights stay float32); auto: on GPUs and AMX CPUs
     train_vision: bool = False  # also unfreeze the vision encoder (pretrain / sft)
     lora: LoraConfig | None = None
     save_every: int = 100
@@ -97,6 +98,8 @@ def _check(cfg: TrainConfig, path: Path, text: str):
         unknown = set(cfg.lora.targets) - set(LORA_TARGETS)
         if unknown:
             bad("lora.targets", f"has unknown projections {sorted(unknown)}; choose from {', '.join(LORA_TARGETS)}")
+    if cfg.bf16 not in (True, False, "auto"):
+        bad("bf16", 'must be true, false or "auto"')
     if cfg.device not in ("auto", "cpu", "cuda"):
         bad("device", "must be auto, cpu or cuda")
 
@@ -140,10 +143,10 @@ def load_train_config(path: str | Path, **overrides) -> TrainConfig:
     for key in ("model", "out"):
         if not isinstance(raw[key], str):
             raise DataError(f"{path}: field {key!r} must be a path")
-        raw[key] = str(root / raw[key])
+        raw[key] = os.path.normpath(root / raw[key])
     for key in ("data", "text_data"):
         if isinstance(raw.get(key), list):
-            raw[key] = [str(root / p) for p in raw[key]]
+            raw[key] = [os.path.normpath(root / p) for p in raw[key]]
     cfg = TrainConfig(**raw)
     _check(cfg, path, text)
     return cfg

@@ -9,8 +9,9 @@
   The `<image>` placeholders become the family's image text for the tile plan of that image, under a
   per-sample tile budget.
 - A micro-batch is a fixed number of samples; with packing they are laid first-fit-decreasing into
-  rows of at most seq_len tokens, positions restart at each sample and a block-diagonal causal mask
-  keeps samples apart (attention-only decoders; a hybrid Mamba decoder gets one sample per row).
+  rows no longer than its longest sample (less padding, no larger attention matrices); positions
+  restart at each sample and a block-diagonal causal mask keeps samples apart (attention-only
+  decoders; a hybrid Mamba decoder gets one sample per row).
 """
 
 from __future__ import annotations
@@ -247,9 +248,11 @@ class Batch:
 
 
 def pack_rows(lengths: list[int], seq_len: int, pack: bool) -> list[list[int]]:
-    """Sample indices per row: first-fit decreasing into rows of <= seq_len, or one per row."""
+    """Sample indices per row: first-fit decreasing into rows no longer than the longest sample (so
+    packing removes padding without growing the attention matrix), or one sample per row."""
     if not pack:
         return [[i] for i in range(len(lengths))]
+    seq_len = min(seq_len, max(lengths))
     rows: list[list[int]] = []
     room: list[int] = []
     for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):

@@ -1,6 +1,7 @@
 """`nanovl train --config FILE`: one curriculum stage, resumable, single process or torchrun.
 
-- Master weights in float32; matmuls under bf16 autocast (config `bf16`); AdamW; linear warm-up then
+- Master weights in float32; matmuls under bf16 autocast (config `bf16`, by default where it is
+  fast: GPUs and AMX CPUs); AdamW; linear warm-up then
   cosine decay to lr * min_lr_ratio; gradient accumulation; clipping by global norm.
 - The loss of an optimizer step is the summed token cross-entropy over every assistant token of the
   step's samples divided by their count, so it does not depend on how the samples are split into
@@ -72,6 +73,14 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     span = max(1, cfg.steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def use_bf16(setting: bool | str, device: torch.device) -> bool:
+    """auto: bf16 autocast where bf16 matmuls are fast (GPUs, CPUs with AMX); measured on an AVX-512
+    CPU without AMX, bf16 steps were ~1.5x slower than float32 (BENCHMARKS.md)."""
+    if setting != "auto":
+        return bool(setting)
+    return device.type == "cuda" or torch.cpu._is_amx_tile_supported()
 
 
 def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
@@ -351,11 +360,13 @@ def train(cfg: TrainConfig, restart: bool = False) -> dict:
         truncate_metrics(metrics, start)
         n_train = sum(p.numel() for p in trainable)
         n_all = sum(p.numel() for p in model.parameters())
-        print(f"nanovl train: stage {cfg.stage}, {len(pool)} samples ({len(text)} text-only), "
+        print(f"nanovl train: stage {cfg.stage}, {len(pool)} samples per epoch ({len(pool) - len(mm)} text-only), "
               f"{n_train:,} of {n_all:,} parameters trainable, {world} process(es) on {device}"
+              + (", bf16 autocast" if use_bf16(cfg.bf16, device) else ", float32")
               + (f", resuming at step {start}" if start else "")
               + (f"; skipped {skips.total}: {dict(skips.reasons)}" if skips.total else ""),
               file=sys.stderr)  # fmt: skip
+    bf16 = use_bf16(cfg.bf16, device)
     stop = Stop()
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.stage}", unit="step", disable=rank != 0)
     t_start, step, loss = time.perf_counter(), start, float("nan")
@@ -376,7 +387,7 @@ def train(cfg: TrainConfig, restart: bool = False) -> dict:
                            for t in (batch.ids, batch.targets, batch.positions, batch.mask, batch.pixels)]  # fmt: skip
                 sync = world == 1 or m == cfg.grad_accum - 1
                 with ddp.no_sync() if not sync and world > 1 else _null():
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                         part = ddp(*tensors)
                     (part * world / n_target).backward()
                 loss_sum += part.detach().double().cpu()
