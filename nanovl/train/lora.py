@@ -36,7 +36,8 @@ class LoRALinear(nn.Module):
         return self.base.weight
 
     def forward(self, x):
-        return self.base(x) + self.scale * self.lora_B(self.lora_A(x))
+        y = self.base(x)  # the adapter runs in its own (float32) dtype beside a bf16 base
+        return y + (self.scale * self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype)))).to(y.dtype)
 
     def merged_weight(self) -> torch.Tensor:
         w = self.base.weight.float() + self.scale * (self.lora_B.weight.float() @ self.lora_A.weight.float())

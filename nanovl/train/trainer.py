@@ -104,15 +104,18 @@ def build_model(cfg: TrainConfig):
     if ckpt.raw.get("quantization_config") or (Path(cfg.model) / "hf_quant_config.json").is_file():
         raise DataError(f"{cfg.model}: a quantized checkpoint; train from the bf16/fp32 release")
     tok = Tokenizer(cfg.model, ckpt.text.eos_token_ids)
+    # Trained weights need float32 masters; with LoRA the frozen base stays in its own dtype (an 8B
+    # base in bf16 is 16 GB instead of 32) and only the adapters are float32.
+    dtype = "auto" if cfg.lora is not None else "float32"
     if ckpt.architecture in VLMS:
-        vlm, _ = load_vlm(cfg.model, dtype="float32")
+        vlm, _ = load_vlm(cfg.model, dtype=dtype)
         lm, tiles = vlm.language_model, vlm.config.tiles
         context_id = tok.token_to_id(vlm.context_token)
         encoder = Encoder(tok, tiles, vlm.image_text, cfg.max_tiles)
     else:
         if cfg.stage == "projector":
             raise DataError(f"{cfg.model}: stage projector needs a vision-language checkpoint")
-        lm, _ = load_text_model(cfg.model, dtype="float32")
+        lm, _ = load_text_model(cfg.model, dtype=dtype)
         vlm, tiles, context_id, encoder = None, None, None, Encoder(tok)
     root = vlm if vlm is not None else lm
     root.requires_grad_(False)
