@@ -370,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="run a benchmark, or score predictions made elsewhere")
     esub = p.add_subparsers(dest="eval_command", required=True)
     e = esub.add_parser("run", help="evaluate --model DIR or --endpoint URL on TASK")
-    e.add_argument("task", help="docvqa | infovqa | chartqa | ocrbench | textvqa | corpus (or any task: .jsonl --data)")
+    e.add_argument("task", help="docvqa | infovqa | chartqa | ocrbench | textvqa | corpus | synthdocs (.jsonl --data)")
     e.add_argument("--data", help="the benchmark's files (default for corpus: ../shared/corpus)")
     e.add_argument("--images", help="image folder when it is not beside the annotations")
     e.add_argument("--model", help="checkpoint folder")
@@ -384,7 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--reference", help="JSON {task: published score} drawn beside the result")
     e.set_defaults(func=cmd_eval)
     e = esub.add_parser("score", help="score a JSONL of predictions with the official metric of TASK")
-    e.add_argument("task", help="docvqa | infovqa | chartqa | ocrbench | textvqa | ai2d | mmmu | videomme | corpus")
+    e.add_argument(
+        "task", help="docvqa | infovqa | chartqa | ocrbench | textvqa | ai2d | mmmu | videomme | corpus | synthdocs"
+    )
     e.add_argument("--predictions", required=True, help="JSONL: the task's gold fields and `prediction`")
     e.add_argument("--json", action="store_true", help="print the summary as JSON")
     e.set_defaults(func=cmd_eval_score)

@@ -328,9 +328,12 @@ def write_checkpoint(
     vocab_size: int | None = None,
     vision: dict | None = None,
     image_size: int | None = None,
+    corpus: list[str] | None = None,
+    tokenizer_vocab: int = 512,
 ) -> Path:
     """Write a random checkpoint of `family` (one of ALL_FAMILIES). `size` overrides the text model's
-    size fields, `vision` the vision_config's, `image_size` the tile size (VLM families)."""
+    size fields, `vision` the vision_config's, `image_size` the tile size (VLM families); the tokenizer
+    is trained on `corpus` (default: a few built-in sentences) to `tokenizer_vocab` entries."""
     if family not in ALL_FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose from {', '.join(ALL_FAMILIES)}")
     vlm = VLM_FAMILIES.get(family)
@@ -339,7 +342,7 @@ def write_checkpoint(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     specials = fam["specials"] + (vlm["added"] if vlm else [])
-    tk = train_tokenizer(specials, fam["bos"], fam["split"], fam["nfc"], plain=fam.get("plain", []))
+    tk = train_tokenizer(specials, fam["bos"], fam["split"], fam["nfc"], tokenizer_vocab, corpus, fam.get("plain", []))
     tk.save(str(out / "tokenizer.json"))
     ids = {t: tk.token_to_id(t) for t in fam["specials"]}
     stop_ids = [ids[t] for t in fam["stop"]]

@@ -198,3 +198,35 @@ def test_eval_score_cli(tmp_path, capsys):
 )
 def test_vqa_accuracy(pred, golds, want):
     assert vqa_accuracy(pred, golds) == pytest.approx(want)
+
+
+def test_cer_and_exact_answers():
+    from nanovl.eval.metrics import cer, exact_answer
+
+    assert cer("Total: 12.50", "Total: 12.50") == 0
+    assert cer("Total: 12.5", "Total: 12.50") == 1 / 12
+    assert cer("", "abcd") == 1.0
+    assert exact_answer("1,204", "1204") and exact_answer("1204.0", "1204") and exact_answer(" Berlin. ", "berlin")
+    assert not exact_answer("1205", "1204") and not exact_answer("4,800.91", "$4,800.91")
+
+
+def test_synthdocs_summary(tmp_path):
+    import json
+
+    from nanovl.eval.score import score_file
+
+    recs = [
+        {"type": "extractive", "answers": ["INV-1234"], "prediction": "INV-1234"},
+        {"type": "extractive", "answers": ["INV-1234"], "prediction": "INV-1235"},  # ANLS 1 - 1/8
+        {"type": "arithmetic", "answers": ["42"], "prediction": "42"},
+        {"type": "chart", "answers": ["17"], "prediction": "71"},
+        {"type": "choice", "answers": ["B"], "prediction": "B"},
+        {"type": "transcription", "answers": ["abcdefghij"], "prediction": "abcdefghiX"},
+    ]
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    s = score_file("synthdocs", path)
+    assert s["anls_extractive"] == pytest.approx((1 + 7 / 8) / 2)
+    assert s["accuracy_arithmetic"] == 1 and s["accuracy_chart"] == 0 and s["accuracy_choice"] == 1
+    assert s["cer_transcription"] == pytest.approx(0.1)
+    assert s["n_by_type"] == {"arithmetic": 1, "chart": 1, "choice": 1, "extractive": 2, "transcription": 1}

@@ -301,3 +301,23 @@ def vqa_accuracy(prediction: str, golds: list[str]) -> float:
     g = [vqa_normalise(a) for a in golds]
     scores = [min(1.0, sum(x == p for j, x in enumerate(g) if j != i) / 3) for i in range(len(g))]
     return sum(scores) / len(scores) if scores else 0.0
+
+
+def cer(prediction: str, gold: str) -> float:
+    """Character error rate: Levenshtein edits to turn the prediction into the gold, over the gold's
+    length (can exceed 1 for long wrong outputs; callers cap it where they average)."""
+    return Levenshtein.distance(prediction.strip(), gold.strip()) / max(1, len(gold.strip()))
+
+
+def _plain(s: str) -> str:
+    return " ".join(s.strip().rstrip(".").casefold().split())
+
+
+def exact_answer(prediction: str, gold: str) -> bool:
+    """Exact match after case/space folding and a trailing period; numbers also match by value when
+    the gold carries no unit or currency (so "1,204" = "1204" = "1204.0")."""
+    if _plain(prediction) == _plain(gold):
+        return True
+    g, p = _to_float(gold.replace(",", "")), _to_float(prediction.replace(",", ""))
+    bare = re.fullmatch(r"-?[\d,]+(\.\d+)?", gold.strip()) is not None
+    return bare and g is not None and p is not None and abs(g - p) < 1e-9

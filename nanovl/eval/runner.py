@@ -112,7 +112,7 @@ def run(task: str, items: list[Item], backend, out_dir: str | Path, concurrency:
         images = [f"<{len(p)} bytes>" if isinstance(p, bytes) else str(p) for p in item.images]
         rec = {"id": item.id, "question": item.question, "images": images, **item.gold}
         try:
-            prediction, settings = backend.predict(item, max_tokens)
+            prediction, settings = backend.predict(item, item.gold.get("max_tokens", max_tokens))
         except Exception as e:  # recorded and retried on the next run, never scored
             return {**rec, "error": f"{type(e).__name__}: {e}"}
         rec.update(prediction=prediction, settings=settings)

@@ -13,6 +13,9 @@ Gold fields by task:
 - mmmu: `question_type`, `options` (list or its string repr), `answer` -> official MMMU parsers
 - videomme: `answer` (letter), optional `duration` -> official Video-MME extractor
 - corpus: `answers` -> ANLS, and containment (a normalised gold inside the prediction)
+- synthdocs (`nanovl synth --split eval` -> eval.jsonl): `answers`, `type` -> ANLS for extractive,
+  exact match for arithmetic / chart, the letter for choice, 1 - CER (capped at 0) for transcription;
+  the summary gives each type's figure (transcription as mean CER) and the mean of all scores.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from pathlib import Path
 from nanovl.errors import NanovlError
 from nanovl.eval import metrics as M
 
-TASKS = ("docvqa", "infovqa", "chartqa", "ocrbench", "textvqa", "ai2d", "mmmu", "videomme", "corpus")
+TASKS = ("docvqa", "infovqa", "chartqa", "ocrbench", "textvqa", "ai2d", "mmmu", "videomme", "corpus", "synthdocs")
+SYNTH_FIGURES = {"extractive": "anls", "arithmetic": "accuracy", "chart": "accuracy", "choice": "accuracy"}
 
 
 def _options(rec) -> dict[str, str]:
@@ -68,6 +72,16 @@ def score_record(task: str, rec: dict) -> dict:
         golds = [str(a) for a in rec["answers"]]
         norm = lambda s: " ".join(s.lower().split())  # noqa: E731
         return {"score": M.anls(pred, golds), "contains": float(any(norm(g) in norm(pred) for g in golds))}
+    if task == "synthdocs":
+        gold, kind = str(rec["answers"][0]), rec["type"]
+        if kind == "transcription":
+            c = M.cer(pred, gold)
+            return {"score": max(0.0, 1 - c), "cer": c}
+        if kind == "extractive":
+            return {"score": M.anls(pred, [gold])}
+        if kind == "choice":
+            return {"score": float(pred.strip().upper()[:1] == gold)}
+        return {"score": float(M.exact_answer(pred, gold))}
     raise NanovlError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
 
 
@@ -88,6 +102,15 @@ def summarise(task: str, records: list[dict]) -> dict:
         out[group] = {k: 100 * sum(v) / len(v) for k, v in sorted(groups.items())}
     if task == "corpus":
         out["contains"] = 100 * sum(r["contains"] for r in records) / len(records)
+    if task == "synthdocs":
+        for kind, figure in SYNTH_FIGURES.items():
+            scores = [r["score"] for r in records if r["type"] == kind]
+            if scores:
+                out[f"{figure}_{kind}"] = sum(scores) / len(scores)
+        cers = [min(1.0, r["cer"]) for r in records if r["type"] == "transcription"]
+        if cers:
+            out["cer_transcription"] = sum(cers) / len(cers)
+        out["n_by_type"] = {k: sum(r["type"] == k for r in records) for k in sorted({r["type"] for r in records})}
     return out
 
 

@@ -77,7 +77,7 @@ def eval_records(doc: Doc, paths: list[str]) -> list[dict]:
     recs = [{"id": f"{doc.kind}-{doc.seed}-{k}", "question": q["question"], "answers": [q["answer"]],
              "type": q["type"], **base} for k, q in enumerate(doc.qa)]  # fmt: skip
     recs.append({"id": f"{doc.kind}-{doc.seed}-t", "question": TRANSCRIBE, "answers": [doc.transcription],
-                 "type": "transcription", **base})  # fmt: skip
+                 "type": "transcription", "max_tokens": 1024, **base})  # fmt: skip
     return recs
 
 
