@@ -396,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", required=True, choices=["fp8", "awq", "int8"], help="fp8, int8 or awq (int4)")
     p.add_argument("--group-size", type=int, default=128, help="AWQ input columns per scale (default 128)")
     p.add_argument("--out", required=True, help="output folder (new or empty)")
-    p.add_argument("--calibration", help="text file, one sample per line (default: built-in sentences)")
+    p.add_argument("--calibration", help="text file (one sample per line) or synthdocs (default: built-in sentences)")
     p.add_argument("--samples", type=int, default=64, help="calibration samples (default 64)")
     p.set_defaults(func=cmd_quantize)
 

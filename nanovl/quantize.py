@@ -35,14 +35,32 @@ DEFAULT_TEXT = [
 ]
 
 
+def synthdocs_texts(count: int) -> list[str]:
+    """Document text from nanovl's synthetic generator (training seeds): transcriptions and QA turns."""
+    from nanovl.train.synth import KINDS, make_doc
+
+    out: list[str] = []
+    seed = 0
+    while len(out) < count:
+        for kind in KINDS:
+            doc = make_doc(kind, seed, augment_strength=0)
+            out.append(doc.transcription)
+            out.append(" ".join(f"{q['question'].splitlines()[0]} {q['answer']}" for q in doc.qa))
+        seed += 1
+    return out[:count]
+
+
 def calibration_texts(source: str | None, samples: int) -> tuple[list[str], list[str]]:
-    """(calibration, held-out) texts: a text file's non-empty lines, or the built-in sentences."""
+    """(calibration, held-out) texts: a text file's non-empty lines, `synthdocs` (synthetic document
+    text, samples + a quarter more held out), or the built-in sentences."""
     if source is None:
         lines = DEFAULT_TEXT
+    elif source == "synthdocs":
+        lines = synthdocs_texts(max(2, samples + samples // 3))
     else:
         path = Path(source)
         if not path.is_file():
-            raise NanovlError(f"{source}: calibration file not found (a text file, one sample per line)")
+            raise NanovlError(f"{source}: calibration file not found (a text file, one sample per line, or synthdocs)")
         lines = [line for line in path.read_text().splitlines() if line.strip()]
     if len(lines) < 2:
         raise NanovlError("calibration needs at least two lines of text (one is held out)")

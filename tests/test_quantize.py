@@ -124,3 +124,16 @@ def test_awq_beats_round_to_nearest_and_round_trips(trained_llama, tmp_path):
     assert isinstance(model.model.layers[0].mlp.down_proj, AWQLinear)
     cfg = json.loads((tmp_path / "awq32" / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == "awq" and cfg["group_size"] == 32 and cfg["version"] == "gemm"
+
+
+def test_synthdocs_calibration(tiny_llama, tmp_path, capsys):
+    from nanovl.quantize import calibration_texts
+
+    calib, held = calibration_texts("synthdocs", 12)
+    assert len(calib) == 12 and held and not set(held) & set(calib)
+    assert any("INVOICE" in t for t in calib + held)
+    args = ["quantize", "--model", str(tiny_llama), "--method", "int8", "--out", str(tmp_path / "q"),
+            "--calibration", "synthdocs", "--samples", "8"]  # fmt: skip
+    assert main(args) == 0
+    report = json.loads((tmp_path / "q" / "quant_report.json").read_text())
+    assert report["calibration_samples"] == 8
