@@ -82,7 +82,7 @@ def load_vlm(model_dir: str | Path, dtype: str | None = None, pack: bool = False
         cfg.vision.align_corners = align_corners
     with torch.device("meta"):
         vlm = cls(cfg)
-        quantize_from_checkpoint(vlm.language_model, model_dir, ckpt.raw, index, "language_model.")
+        quantize_from_checkpoint(vlm, model_dir, ckpt.raw, index, "")  # the LLM, and the vision side if stored so
     torch_dtype = resolve_dtype(dtype, ckpt.text.dtype)
     load_weights(vlm, model_dir, "", torch_dtype, vlm.optional_weights(), cls.unused_weights, index)
     vlm.eval().requires_grad_(False)

@@ -293,16 +293,20 @@ def cmd_eval(args):
 def cmd_quantize(args):
     from nanovl.quantize import quantize_awq, quantize_fp8, quantize_int8
 
+    common = dict(calibration=args.calibration, samples=args.samples, include_vision=args.include_vision)
     if args.method == "fp8":
-        result = quantize_fp8(args.model, args.out, args.calibration, args.samples)
+        result = quantize_fp8(args.model, args.out, **common)
     elif args.method == "int8":
-        result = quantize_int8(args.model, args.out, args.calibration, args.samples)
+        result = quantize_int8(args.model, args.out, **common)
     else:
-        result = quantize_awq(args.model, args.out, args.calibration, args.samples, args.group_size)
+        result = quantize_awq(args.model, args.out, group=args.group_size, **common)
     print(f"wrote a {args.method} checkpoint to {args.out}")
     print(f"  held-out tokens {result['held_out_tokens']}: logit error mean {result['logit_abs_error_mean']:.4f}, "
           f"max {result['logit_abs_error_max']:.4f}; perplexity {result['perplexity_original']:.3f} -> "
           f"{result['perplexity_quantized']:.3f} ({result['perplexity_change_percent']:+.2f}%)")  # fmt: skip
+    if "image_embedding_rel_error" in result:
+        print(f"  held-out page tiles {result['held_out_tiles']}: image-embedding relative error "
+              f"{result['image_embedding_rel_error']:.4f}")
 
 
 def cmd_make_tiny(args):
@@ -392,12 +396,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval_score)
 
     p = sub.add_parser("quantize", help="write a quantized checkpoint and report its accuracy cost")
-    p.add_argument("--model", required=True, help="checkpoint folder (a language model)")
+    p.add_argument("--model", required=True, help="checkpoint folder (language or vision-language model)")
     p.add_argument("--method", required=True, choices=["fp8", "awq", "int8"], help="fp8, int8 or awq (int4)")
     p.add_argument("--group-size", type=int, default=128, help="AWQ input columns per scale (default 128)")
     p.add_argument("--out", required=True, help="output folder (new or empty)")
     p.add_argument("--calibration", help="text file (one sample per line) or synthdocs (default: built-in sentences)")
     p.add_argument("--samples", type=int, default=64, help="calibration samples (default 64)")
+    p.add_argument("--include-vision", action="store_true",
+                   help="also quantize the vision tower (but its patch embedding) and the projector (fp8, int8)")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("make-tiny", help="write a tiny random checkpoint in the HF layout (tests, benchmarks)")

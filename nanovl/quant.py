@@ -4,8 +4,9 @@
   config.json), never guessed; an unknown algorithm is refused by name.
 - Which Linear layers are quantized is read from the tensors themselves: a layer whose checkpoint has
   `weight_scale` (ModelOpt) or `qweight` (AWQ) becomes a quantized module; the config's
-  `exclude_modules` / `ignore` / `modules_to_not_convert` patterns must agree, and the vision tower is
-  never quantized (as in vLLM).
+  `exclude_modules` / `ignore` / `modules_to_not_convert` patterns must agree. The releases keep the
+  vision tower unquantized; a checkpoint whose vision tower or projector carries quantized tensors
+  (`nanovl quantize --include-vision`) gets them swapped the same way.
 - Weights stay at their stored size (fp8, packed 4-bit, int32 words); each forward dequantizes one
   layer's weight to the activation dtype and multiplies, so no full-precision copy of the model ever
   exists. Formats (ARCHITECTURE.md section 9):
@@ -35,7 +36,6 @@ from nanovl.errors import CheckpointError
 ALGOS = ("FP8", "NVFP4", "AWQ", "INT8")
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # position k of a word holds the value of column AWQ_ORDER[k]
-NEVER = ("vision_model*", "vision_tower*", "visual*")
 
 
 def read_quant_config(model_dir: str | Path, raw: dict) -> dict | None:
@@ -172,8 +172,6 @@ def swap_quantized_linears(model: nn.Module, qcfg: dict, keys: set[str], prefix:
             full = f"{parent_name}.{name}" if parent_name else name
             if type(child) is not nn.Linear or f"{prefix}{full}.{marker}" not in keys:
                 continue
-            if any(fnmatch.fnmatch(full, p) or fnmatch.fnmatch(prefix + full, p) for p in NEVER):
-                raise CheckpointError(f"{prefix}{full} is quantized, but nanovl keeps vision towers unquantized")
             excluded = [p for p in qcfg["exclude"] if fnmatch.fnmatch(full, p) or fnmatch.fnmatch(prefix + full, p)]
             if excluded:
                 raise CheckpointError(

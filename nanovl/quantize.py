@@ -22,6 +22,7 @@ from torch import nn
 from nanovl.errors import NanovlError
 
 FP8_MAX = 448.0
+EVAL_OFFSET = 900_000  # synthetic training seeds far from the calibration ones, for the held-out images
 # Calibration and held-out text when the user gives none: document-like English, different halves.
 DEFAULT_TEXT = [
     "Invoice number 2024-117 was issued on 3 March 2024 to Northwind Traders for 12 units of item A-44.",
@@ -114,63 +115,132 @@ def report(original: nn.Module, quantized: nn.Module, token_batches: list[torch.
     }
 
 
-def quantize_int8(model_dir: str, out_dir: str, calibration: str | None = None, samples: int = 64) -> dict:
+def quantize_int8(model_dir: str, out_dir: str, calibration: str | None = None, samples: int = 64,
+                  include_vision: bool = False) -> dict:  # fmt: skip
     """int8 per-channel weights, dynamic per-token int8 activations, in the compressed-tensors layout."""
-    return quantize_fp8(model_dir, out_dir, calibration, samples, method="int8")
+    return quantize_fp8(model_dir, out_dir, calibration, samples, method="int8", include_vision=include_vision)
+
+
+def load_source(src: Path):
+    """(checkpoint, root module, language model, is_vlm) of an unquantized checkpoint, in float32."""
+    from nanovl.api import load_text_model, load_vlm
+    from nanovl.config import load_config
+    from nanovl.models.vlm import VLMS
+
+    ckpt = load_config(src)
+    if (src / "hf_quant_config.json").is_file() or "quantization_config" in ckpt.raw:
+        raise NanovlError(f"{src} is already quantized")
+    if ckpt.architecture in VLMS:
+        root, _ = load_vlm(src, dtype="float32")
+        return ckpt, root, root.language_model, True
+    if ckpt.text_prefix:
+        raise NanovlError(f"{src}: a language model stored under {ckpt.text_prefix!r} of an unknown VLM")
+    root, _ = load_text_model(src, dtype="float32")
+    return ckpt, root, root, False
+
+
+def quant_targets(root: nn.Module, is_vlm: bool, include_vision: bool) -> dict[str, nn.Linear]:
+    """The Linear layers to quantize: the language model's but lm_head; with include_vision also the
+    vision tower's (but its patch embedding, the first layer) and the projector's."""
+    out = {}
+    for name, m in root.named_modules():
+        if not isinstance(m, nn.Linear) or name.endswith("lm_head"):
+            continue
+        vision = name.startswith(("vision_model.", "mlp1."))
+        if (not is_vlm or name.startswith("language_model.")) or (include_vision and vision):
+            if not name.endswith("patch_generator.embedder"):
+                out[name] = m
+    return out
+
+
+def calibration_pixels(vlm, count: int, offset: int = 0) -> torch.Tensor:
+    """Tiles of synthetic document pages, tiled as the checkpoint tiles them (vision calibration)."""
+    from nanovl.tiling import make_tiles, plan_tiles
+    from nanovl.train.synth import KINDS, make_doc
+
+    spec, tiles = vlm.config.tiles, []
+    for k in range(count):
+        page = make_doc(KINDS[k % len(KINDS)], offset + k // len(KINDS)).pages[0]
+        tiles.append(make_tiles(page, spec, plan_tiles(spec, *page.size, max_tiles=2)))
+    return torch.cat(tiles)
+
+
+@torch.inference_mode()
+def vision_absmax(vlm, linears: dict[str, nn.Linear], pixels: torch.Tensor) -> dict[str, float]:
+    seen: dict[str, float] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, a, k=k: seen.__setitem__(k, max(seen.get(k, 0.0),
+             float(a[0].abs().max())))) for k, m in linears.items()]  # fmt: skip
+    try:
+        for chunk in pixels.split(4):
+            vlm.encode_images(chunk)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+@torch.inference_mode()
+def vision_report(original, quantized, pixels: torch.Tensor) -> dict:
+    a = torch.cat([original.encode_images(c) for c in pixels.split(4)]).float()
+    b = torch.cat([quantized.encode_images(c) for c in pixels.split(4)]).float()
+    return {"image_embedding_rel_error": float((a - b).norm() / a.norm()), "held_out_tiles": len(pixels)}
 
 
 def quantize_fp8(model_dir: str, out_dir: str, calibration: str | None = None, samples: int = 64,
-                 method: str = "fp8") -> dict:  # fmt: skip
+                 method: str = "fp8", include_vision: bool = False) -> dict:  # fmt: skip
     from safetensors.torch import save_file
 
-    from nanovl.api import load_text_model
-    from nanovl.config import load_config
+    from nanovl.api import load_text_model, load_vlm
     from nanovl.tokenizer import Tokenizer
     from nanovl.weights import checkpoint_index
 
     src, out = Path(model_dir), Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise NanovlError(f"{out} exists and is not empty")
-    ckpt = load_config(src)
-    if ckpt.text_prefix:
-        raise NanovlError("quantizing vision-language checkpoints is not supported yet (language models only)")
-    if (src / "hf_quant_config.json").is_file() or "quantization_config" in ckpt.raw:
-        raise NanovlError(f"{src} is already quantized")
-    model, _ = load_text_model(src, dtype="float32")
+    ckpt, root, lm, is_vlm = load_source(src)
+    if include_vision and not is_vlm:
+        raise NanovlError("--include-vision needs a vision-language checkpoint")
     tokenizer = Tokenizer(src, ckpt.text.eos_token_ids)
     calib, held = calibration_texts(calibration, samples)
     batches = lambda texts: [torch.tensor([tokenizer.encode(t)]) for t in texts]  # noqa: E731
-    absmax = input_absmax(model, batches(calib)) if method == "fp8" else {}
+    targets = quant_targets(root, is_vlm, include_vision)
+    prefix = "language_model." if is_vlm else ""
+    absmax = {}
+    if method == "fp8":
+        absmax = {prefix + k: v for k, v in input_absmax(lm, batches(calib)).items()}
+        if include_vision:
+            vision = {k: m for k, m in targets.items() if not k.startswith("language_model.")}
+            absmax.update(vision_absmax(root, vision, calibration_pixels(root, max(2, samples // 8))))
 
     state = {}
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and name != "lm_head":
-            w = module.weight.detach()
-            if method == "fp8":
-                scale = (w.abs().max() / FP8_MAX).clamp(min=1e-12)
-                state[f"{name}.weight"] = (w / scale).to(torch.float8_e4m3fn)
-                state[f"{name}.weight_scale"] = scale.reshape(())
-                state[f"{name}.input_scale"] = torch.tensor(max(absmax.get(name, 0.0), 1e-12) / FP8_MAX)
-            else:  # int8, symmetric per output channel
-                scale = (w.abs().amax(1, keepdim=True) / 127).clamp(min=1e-12)
-                state[f"{name}.weight"] = torch.round(w / scale).clamp(-127, 127).to(torch.int8)
-                state[f"{name}.weight_scale"] = scale.float()
-            if module.bias is not None:
-                state[f"{name}.bias"] = module.bias.detach()
-    replaced = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
+    for name, module in targets.items():
+        w = module.weight.detach()
+        if method == "fp8":
+            scale = (w.abs().max() / FP8_MAX).clamp(min=1e-12)
+            state[f"{name}.weight"] = (w / scale).to(torch.float8_e4m3fn)
+            state[f"{name}.weight_scale"] = scale.reshape(())
+            state[f"{name}.input_scale"] = torch.tensor(max(absmax.get(name, 0.0), 1e-12) / FP8_MAX)
+        else:  # int8, symmetric per output channel
+            scale = (w.abs().amax(1, keepdim=True) / 127).clamp(min=1e-12)
+            state[f"{name}.weight"] = torch.round(w / scale).clamp(-127, 127).to(torch.int8)
+            state[f"{name}.weight_scale"] = scale.float()
+        if module.bias is not None:
+            state[f"{name}.bias"] = module.bias.detach()
+    replaced = {f"{n}.weight" for n in targets}
     stored = set(checkpoint_index(src))  # the rest as the original stores it (a tied lm_head stays absent)
     dtype = getattr(torch, ckpt.text.dtype, torch.float32)
-    for name, t in model.state_dict().items():
+    for name, t in root.state_dict().items():
         if name not in replaced and name not in state and name in stored:
-            state[name] = t.detach().to(dtype).contiguous()
+            state[name] = t.detach().to(dtype if t.is_floating_point() else t.dtype).contiguous()
     out.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
         if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
             shutil.copy2(f, out / f.name)
     save_file({k: v.contiguous() for k, v in state.items()}, out / "model.safetensors", metadata={"format": "pt"})
+    exclude = [prefix + "lm_head"] + ([] if include_vision or not is_vlm else ["vision_model*", "mlp1*"])
     if method == "fp8":
         hf_quant = {"producer": {"name": "nanovl"}, "quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": None,
-                                                                    "exclude_modules": ["lm_head"]}}  # fmt: skip
+                                                                    "exclude_modules": exclude}}  # fmt: skip
         (out / "hf_quant_config.json").write_text(json.dumps(hf_quant, indent=2) + "\n")
     else:
         cfg = json.loads((src / "config.json").read_text())
@@ -179,11 +249,15 @@ def quantize_fp8(model_dir: str, out_dir: str, calibration: str | None = None, s
                   "input_activations": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token",
                                         "dynamic": True}}  # fmt: skip
         cfg["quantization_config"] = {"quant_method": "compressed-tensors", "format": "int-quantized",
-                                      "config_groups": {"group_0": scheme}, "ignore": ["lm_head"]}  # fmt: skip
+                                      "config_groups": {"group_0": scheme}, "ignore": exclude}  # fmt: skip
         (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
-    quantized, _ = load_text_model(out, dtype="float32")
-    result = {"method": method, "calibration_samples": len(calib), **report(model, quantized, batches(held))}
+    quantized = load_vlm(out, dtype="float32")[0] if is_vlm else load_text_model(out, dtype="float32")[0]
+    qlm = quantized.language_model if is_vlm else quantized
+    result = {"method": method, "calibration_samples": len(calib), "quantized_layers": len(targets),
+              "include_vision": include_vision, **report(lm, qlm, batches(held))}  # fmt: skip
+    if is_vlm:
+        result.update(vision_report(root, quantized, calibration_pixels(root, 2, offset=EVAL_OFFSET)))
     (out / "quant_report.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
@@ -282,25 +356,26 @@ def awq_tensors(w: torch.Tensor, group: int) -> dict[str, torch.Tensor]:
     return {"qweight": pack_awq(codes.long()), "qzeros": pack_awq(zeros.long()), "scales": scales.half()}
 
 
-def quantize_awq(model_dir: str, out_dir: str, calibration: str | None = None, samples: int = 64,
-                 group: int = 128, search: bool = True, grid: int = 20) -> dict:  # fmt: skip
-    """AWQ int4 in AutoAWQ's GEMM layout; search=False gives plain round-to-nearest (the baseline)."""
+def quantize_awq(model_dir: str, out_dir: str, calibration: str | None = None, samples: int = 64, group: int = 128,
+                 search: bool = True, grid: int = 20, include_vision: bool = False) -> dict:  # fmt: skip
+    """AWQ int4 in AutoAWQ's GEMM layout; search=False gives plain round-to-nearest (the baseline).
+    Of a vision-language checkpoint, the language model is quantized (the 8B's edge recipe)."""
     from safetensors.torch import save_file
 
-    from nanovl.api import load_text_model
-    from nanovl.config import load_config
+    from nanovl.api import load_text_model, load_vlm
     from nanovl.tokenizer import Tokenizer
     from nanovl.weights import checkpoint_index
 
     src, out = Path(model_dir), Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise NanovlError(f"{out} exists and is not empty")
-    ckpt = load_config(src)
-    if ckpt.text_prefix or not hasattr(ckpt.text, "rope"):
-        raise NanovlError("AWQ here covers Llama / Qwen2 language-model checkpoints")
-    original, _ = load_text_model(src, dtype="float32")
-    model, _ = load_text_model(src, dtype="float32")
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
+    if include_vision:
+        raise NanovlError("AWQ here quantizes the language model; quantize the vision tower with fp8 or int8")
+    ckpt, original_root, original, is_vlm = load_source(src)
+    if not hasattr(ckpt.text, "rope"):
+        raise NanovlError("AWQ here covers Llama / Qwen2 language models (not Nemotron-H)")
+    _, root, model, _ = load_source(src)
+    linears = quant_targets(root, is_vlm, False)
     bad = [n for n, m in linears.items() if m.in_features % group or m.out_features % 8]
     if bad:
         raise NanovlError(f"{bad[0]}: in_features must divide by the group size {group} (and out by 8)")
@@ -313,7 +388,7 @@ def quantize_awq(model_dir: str, out_dir: str, calibration: str | None = None, s
                 lin.weight.data.mul_(s)
             fold(s)
     state = {}
-    for name, t in model.state_dict().items():
+    for name, t in root.state_dict().items():
         base = name.rsplit(".", 1)[0]
         if base in linears and name.endswith(".weight"):
             state.update({f"{base}.{k}": v for k, v in awq_tensors(t, group).items()})
@@ -324,13 +399,19 @@ def quantize_awq(model_dir: str, out_dir: str, calibration: str | None = None, s
         if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
             shutil.copy2(f, out / f.name)
     cfg = json.loads((src / "config.json").read_text())
+    keep = ["lm_head", "vision_model", "mlp1"] if is_vlm else ["lm_head"]  # AutoAWQ: name substrings
     cfg["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True,
-                                  "version": "gemm", "modules_to_not_convert": ["lm_head"]}  # fmt: skip
+                                  "version": "gemm", "modules_to_not_convert": keep}  # fmt: skip
+    if is_vlm:
+        cfg["llm_config"] = {**cfg.get("llm_config", {}), "torch_dtype": "float16"}
     cfg["torch_dtype"] = "float16"
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     save_file({k: v.contiguous() for k, v in state.items()}, out / "model.safetensors", metadata={"format": "pt"})
-    quantized, _ = load_text_model(out, dtype="float32")
+    quantized = load_vlm(out, dtype="float32")[0] if is_vlm else load_text_model(out, dtype="float32")[0]
+    qlm = quantized.language_model if is_vlm else quantized
     result = {"method": "awq" if search else "rtn", "group_size": group, "calibration_samples": len(calib),
-              **report(original, quantized, batches(held))}  # fmt: skip
+              "quantized_layers": len(linears), **report(original, qlm, batches(held))}  # fmt: skip
+    if is_vlm:
+        result.update(vision_report(original_root, quantized, calibration_pixels(original_root, 2, EVAL_OFFSET)))
     (out / "quant_report.json").write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -8,6 +8,7 @@ from safetensors import safe_open
 
 from nanovl.api import load_text_model
 from nanovl.cli import main
+from nanovl.errors import NanovlError
 from nanovl.quant import FP8Linear
 
 
@@ -137,3 +138,55 @@ def test_synthdocs_calibration(tiny_llama, tmp_path, capsys):
     assert main(args) == 0
     report = json.loads((tmp_path / "q" / "quant_report.json").read_text())
     assert report["calibration_samples"] == 8
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm(tmp_path_factory):
+    from nanovl.tiny import write_checkpoint
+
+    return write_checkpoint("nemotron-nano-vl-v1", tmp_path_factory.mktemp("vlm") / "base", image_size=64)
+
+
+@pytest.mark.parametrize("method", ["fp8", "int8"])
+def test_vlm_quantization_with_and_without_the_vision_tower(tiny_vlm, tmp_path, method):
+    from nanovl.api import load_vlm
+    from nanovl.quant import FP8Linear, Int8Linear
+    from nanovl.quantize import quantize_fp8
+
+    kind = FP8Linear if method == "fp8" else Int8Linear
+    original, _ = load_vlm(tiny_vlm, dtype="float32")
+    pixels = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        want = original.encode_images(pixels)
+    for include in (False, True):
+        out = tmp_path / f"{method}-{include}"
+        report = quantize_fp8(str(tiny_vlm), str(out), samples=8, method=method, include_vision=include)
+        q, _ = load_vlm(out, dtype="float32")
+        assert isinstance(q.language_model.model.layers[0].self_attn.q_proj, kind)
+        assert type(q.language_model.lm_head) is torch.nn.Linear
+        block = q.vision_model.radio_model.model.blocks[0]
+        assert isinstance(block.attn.qkv, kind) == include and isinstance(q.mlp1[1], kind) == include
+        assert type(q.vision_model.radio_model.model.patch_generator.embedder) is torch.nn.Linear
+        with torch.no_grad():
+            got = q.encode_images(pixels)
+        rel = float((got - want).norm() / want.norm())
+        assert (rel == 0) != include and rel < 0.05, rel
+        assert (report["image_embedding_rel_error"] > 0) == include
+        assert abs(report["perplexity_change_percent"]) < 2
+
+
+def test_awq_on_a_vlm_quantizes_the_language_model(tiny_vlm, tmp_path):
+    import nanovl
+    from nanovl.quant import AWQLinear
+    from nanovl.quantize import quantize_awq
+
+    with pytest.raises(NanovlError, match="fp8 or int8"):
+        quantize_awq(str(tiny_vlm), str(tmp_path / "x"), group=32, include_vision=True)
+    report = quantize_awq(str(tiny_vlm), str(tmp_path / "awq"), samples=8, group=32)
+    assert abs(report["perplexity_change_percent"]) < 5 and report["image_embedding_rel_error"] < 0.01
+    m = nanovl.load(tmp_path / "awq")
+    assert isinstance(m.vlm.language_model.model.layers[1].mlp.down_proj, AWQLinear)
+    assert type(m.vlm.mlp1[1]) is torch.nn.Linear
+    from PIL import Image
+
+    assert isinstance(m.ask(Image.new("RGB", (90, 60), "white"), "What is this?", max_new_tokens=3).text, str)

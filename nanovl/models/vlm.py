@@ -98,7 +98,7 @@ class VisionLanguageModel(nn.Module):
 
     def project(self, feats: torch.Tensor) -> torch.Tensor:
         """pre-projector features -> LLM input embeddings (tiles, tokens, hidden)."""
-        return self.mlp1(feats.to(self.mlp1[1].weight.dtype))
+        return self.mlp1(feats.to(self.mlp1[0].weight.dtype))  # the norm's: a quantized Linear has no float weight
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.project(self.vision_features(pixels))
