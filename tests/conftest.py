@@ -63,3 +63,51 @@ def reference_parts(checkpoint, tmp_path, llm_class):
     (llm_dir / "config.json").write_text(json.dumps(cfg["llm_config"]))
     save_file(part("language_model."), llm_dir / "model.safetensors")
     return cfg, state, RadioModel.from_pretrained(radio_dir).eval(), llm_class.from_pretrained(llm_dir).eval()
+
+
+def document_lines(n: int, seed: int = 0) -> list[str]:
+    import random
+
+    rng = random.Random(seed)
+    names = ["Northwind", "Contoso", "Fabrikam", "Tailspin", "Litware", "Adatum", "Proseware", "Wingtip"]
+    items = ["coffee", "paper", "toner", "chairs", "desks", "cables", "laptops", "pens"]
+    out = []
+    for _ in range(n):
+        who, what, q, p = rng.choice(names), rng.choice(items), rng.randrange(1, 50), rng.randrange(1, 999)
+        out.append(rng.choice([
+            f"Invoice from {who}: {q} {what} at {p}.00 EUR each.",
+            f"Receipt {rng.randrange(1000, 9999)} total {p}.{rng.randrange(10, 99)} paid by card.",
+            f"{who} ordered {q} boxes of {what} on {rng.randrange(1, 28)} May.",
+            f"The table shows {what} sales of {p} units for {who}.",
+        ]))  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_llama(tmp_path_factory):
+    """A small Llama trained here on templated document lines; other lines of the same kind are for
+    calibration and held-out perplexity."""
+    from nanovl.api import load_text_model
+    from nanovl.tiny import write_checkpoint
+    from nanovl.tokenizer import Tokenizer
+    from nanovl.weights import save_weights
+
+    lines = document_lines(400)
+    root = tmp_path_factory.mktemp("trained")
+    d = write_checkpoint("llama", root / "model", size={"hidden_size": 128, "intermediate_size": 256}, seed=5)
+    model, _ = load_text_model(d, dtype="float32")
+    model.train().requires_grad_(True)
+    tk = Tokenizer(d)
+    data = [torch.tensor([tk.encode(t)]) for t in lines[:300]]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    torch.manual_seed(0)
+    for step in range(400):
+        ids = data[step % len(data)]
+        loss = torch.nn.functional.cross_entropy(model(ids)[0, :-1], ids[0, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    (d / "model.safetensors").unlink()
+    save_weights({k: v.detach() for k, v in model.state_dict().items()}, d)
+    (root / "calibration.txt").write_text("\n".join(lines[300:]))  # a quarter held out, the rest calibrates
+    return d, root / "calibration.txt"

@@ -64,53 +64,6 @@ def test_quantize_refuses_bad_input(tiny_llama, tmp_path, capsys):
         main(["quantize", "--model", str(tiny_llama), "--method", "int4", "--out", str(tmp_path / "b")])
 
 
-def document_lines(n: int, seed: int = 0) -> list[str]:
-    import random
-
-    rng = random.Random(seed)
-    names = ["Northwind", "Contoso", "Fabrikam", "Tailspin", "Litware", "Adatum", "Proseware", "Wingtip"]
-    items = ["coffee", "paper", "toner", "chairs", "desks", "cables", "laptops", "pens"]
-    out = []
-    for _ in range(n):
-        who, what, q, p = rng.choice(names), rng.choice(items), rng.randrange(1, 50), rng.randrange(1, 999)
-        out.append(rng.choice([
-            f"Invoice from {who}: {q} {what} at {p}.00 EUR each.",
-            f"Receipt {rng.randrange(1000, 9999)} total {p}.{rng.randrange(10, 99)} paid by card.",
-            f"{who} ordered {q} boxes of {what} on {rng.randrange(1, 28)} May.",
-            f"The table shows {what} sales of {p} units for {who}.",
-        ]))  # fmt: skip
-    return out
-
-
-@pytest.fixture(scope="module")
-def trained_llama(tmp_path_factory):
-    """A small Llama trained here on templated document lines; other lines of the same kind are for
-    calibration and held-out perplexity."""
-    from nanovl.tiny import write_checkpoint
-    from nanovl.tokenizer import Tokenizer
-    from nanovl.weights import save_weights
-
-    lines = document_lines(400)
-    root = tmp_path_factory.mktemp("trained")
-    d = write_checkpoint("llama", root / "model", size={"hidden_size": 128, "intermediate_size": 256}, seed=5)
-    model, _ = load_text_model(d, dtype="float32")
-    model.train().requires_grad_(True)
-    tk = Tokenizer(d)
-    data = [torch.tensor([tk.encode(t)]) for t in lines[:300]]
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    torch.manual_seed(0)
-    for step in range(400):
-        ids = data[step % len(data)]
-        loss = torch.nn.functional.cross_entropy(model(ids)[0, :-1], ids[0, 1:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    (d / "model.safetensors").unlink()
-    save_weights({k: v.detach() for k, v in model.state_dict().items()}, d)
-    (root / "calibration.txt").write_text("\n".join(lines[300:]))  # a quarter held out, the rest calibrates
-    return d, root / "calibration.txt"
-
-
 def test_awq_beats_round_to_nearest_and_round_trips(trained_llama, tmp_path):
     from nanovl.quant import AWQLinear
     from nanovl.quantize import quantize_awq
