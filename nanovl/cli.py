@@ -305,8 +305,10 @@ def cmd_quantize(args):
           f"max {result['logit_abs_error_max']:.4f}; perplexity {result['perplexity_original']:.3f} -> "
           f"{result['perplexity_quantized']:.3f} ({result['perplexity_change_percent']:+.2f}%)")  # fmt: skip
     if "image_embedding_rel_error" in result:
-        print(f"  held-out page tiles {result['held_out_tiles']}: image-embedding relative error "
-              f"{result['image_embedding_rel_error']:.4f}")
+        print(
+            f"  held-out page tiles {result['held_out_tiles']}: image-embedding relative error "
+            f"{result['image_embedding_rel_error']:.4f}"
+        )
 
 
 def cmd_make_tiny(args):
@@ -402,8 +404,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (new or empty)")
     p.add_argument("--calibration", help="text file (one sample per line) or synthdocs (default: built-in sentences)")
     p.add_argument("--samples", type=int, default=64, help="calibration samples (default 64)")
-    p.add_argument("--include-vision", action="store_true",
-                   help="also quantize the vision tower (but its patch embedding) and the projector (fp8, int8)")
+    p.add_argument(
+        "--include-vision",
+        action="store_true",
+        help="also quantize the vision tower (but its patch embedding) and the projector (fp8, int8)",
+    )
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("make-tiny", help="write a tiny random checkpoint in the HF layout (tests, benchmarks)")

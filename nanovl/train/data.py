@@ -38,7 +38,7 @@ ROLES = ("system", "user", "assistant")
 class Record:
     source: str  # "file:line" or "shard.tar:key", for messages
     messages: list[dict]
-    images: list  # Path, or (tar path, member name)
+    images: list  # Path, or (tar path, byte offset, size) of a shard member
 
 
 @dataclass
@@ -112,7 +112,8 @@ def read_shard(path: Path, skip_bad: bool, skips: Skips) -> list[Record]:
     """KEY.json records and their image members, from a WebDataset-style tar."""
     try:
         with tarfile.open(path) as tar:
-            names = {m.name for m in tar.getmembers() if m.isfile()}
+            members = {m.name: m for m in tar.getmembers() if m.isfile()}
+            names = set(members)
             jsons = sorted(n for n in names if n.endswith(".json"))
             out = []
             for name in jsons:
@@ -127,7 +128,10 @@ def read_shard(path: Path, skip_bad: bool, skips: Skips) -> list[Record]:
                     for m in images:
                         if m not in names:
                             raise DataError(f"{where}: image member {m} not in the shard")
-                    out.append(Record(where, messages, [(path, m) for m in images]))
+                    # (shard, byte offset, size): an image is one seek + read, not a scan of the tar
+                    out.append(
+                        Record(where, messages, [(path, members[m].offset_data, members[m].size) for m in images])
+                    )
                 except DataError as e:
                     if not skip_bad:
                         raise
@@ -178,9 +182,11 @@ def write_shards(records_jsonl: str | Path, out_dir: str | Path, per_shard: int 
 
 
 def open_image(src) -> Image.Image:
-    if isinstance(src, tuple):
-        with tarfile.open(src[0]) as tar:
-            data = tar.extractfile(src[1]).read()
+    if isinstance(src, tuple):  # a member of a tar shard
+        path, offset, size = src
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
         return Image.open(io.BytesIO(data)).convert("RGB")
     return Image.open(src).convert("RGB")
 
