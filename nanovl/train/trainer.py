@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -358,6 +359,7 @@ def train(cfg: TrainConfig, restart: bool = False) -> dict:
         start = Checkpoints.load(latest, model, opt)["step"]
     ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     metrics = out / "metrics.jsonl"
+    bf16 = use_bf16(cfg.bf16, device)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         truncate_metrics(metrics, start)
@@ -365,11 +367,10 @@ def train(cfg: TrainConfig, restart: bool = False) -> dict:
         n_all = sum(p.numel() for p in model.parameters())
         print(f"nanovl train: stage {cfg.stage}, {len(pool)} samples per epoch ({len(pool) - len(mm)} text-only), "
               f"{n_train:,} of {n_all:,} parameters trainable, {world} process(es) on {device}"
-              + (", bf16 autocast" if use_bf16(cfg.bf16, device) else ", float32")
+              + (", bf16 autocast" if bf16 else ", float32")
               + (f", resuming at step {start}" if start else "")
               + (f"; skipped {skips.total}: {dict(skips.reasons)}" if skips.total else ""),
               file=sys.stderr)  # fmt: skip
-    bf16 = use_bf16(cfg.bf16, device)
     stop = Stop()
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.stage}", unit="step", disable=rank != 0)
     t_start, step, loss = time.perf_counter(), start, float("nan")
@@ -389,7 +390,7 @@ def train(cfg: TrainConfig, restart: bool = False) -> dict:
                 tensors = [t.to(device) if t is not None else None
                            for t in (batch.ids, batch.targets, batch.positions, batch.mask, batch.pixels)]  # fmt: skip
                 sync = world == 1 or m == cfg.grad_accum - 1
-                with ddp.no_sync() if not sync and world > 1 else _null():
+                with ddp.no_sync() if not sync and world > 1 else contextlib.nullcontext():
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                         part = ddp(*tensors)
                     (part * world / n_target).backward()
@@ -435,14 +436,6 @@ def train(cfg: TrainConfig, restart: bool = False) -> dict:
         summary["plot"] = str(out / "loss.png") if plot_losses(metrics, out / "loss.png") else None
     _finish(world)
     return summary
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _finish(world: int):
