@@ -145,7 +145,7 @@ def write_dataset(
     evals = []
     pool = ProcessPoolExecutor(workers) if workers > 1 else None
     results = pool.map(_render, jobs, chunksize=8) if pool else map(_render, jobs)
-    for _, ev, recs in tqdm(results, total=len(jobs), desc="nanovl synth", unit="doc"):
+    for _, ev, recs in tqdm(results, total=len(jobs), desc="nanovl synth", unit="doc", mininterval=1):
         evals += ev
         for task, rs in recs.items():
             per_task[task] += rs

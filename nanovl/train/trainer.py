@@ -372,7 +372,7 @@ def train(cfg: TrainConfig, restart: bool = False) -> dict:
               + (f"; skipped {skips.total}: {dict(skips.reasons)}" if skips.total else ""),
               file=sys.stderr)  # fmt: skip
     stop = Stop()
-    bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.stage}", unit="step", disable=rank != 0)
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.stage}", unit="step", disable=rank != 0, mininterval=1)
     t_start, step, loss = time.perf_counter(), start, float("nan")
     try:
         while step < cfg.steps:
