@@ -359,3 +359,19 @@ def test_training_reads_the_image(work, tmp_path):
     right = sum(m.ask(tmp_path / r["images"][0], "What colour is the box?", max_tiles=1, max_new_tokens=3).text
                 == r["messages"][1]["content"] for r in recs[48:])  # fmt: skip
     assert right >= 10, right  # of 16; chance is 4
+
+
+def test_per_sample_tile_budget(work):
+    from nanovl.tokenizer import Tokenizer
+    from nanovl.train.data import Record
+
+    cfg = load_train_config(config(work, "budget", max_tiles=4))
+    _, tok, encoder, spec, _ = build_model(cfg)
+    page = next((work / "data" / "images").glob("invoice-*.png"))
+    rec = Record("x.jsonl:1", [{"role": "user", "content": "<image><image><image>"},
+                               {"role": "assistant", "content": "ok"}], [page] * 3)  # fmt: skip
+    assert sum(p.tiles for p in Encoder(tok, spec, None, 4).plans(rec)) > 6
+    tight = Encoder(tok, spec, None, 4, sample_tiles=6)
+    assert sum(p.tiles for p in tight.plans(rec)) <= 6
+    with pytest.raises(DataError, match="x.jsonl:1: 3 images need 3 tiles at the least, over sample_tiles 2"):
+        Encoder(Tokenizer(work / "base"), spec, None, 4, sample_tiles=2).plans(rec)

@@ -53,6 +53,7 @@ class TrainConfig:
     clip: float = 1.0  # max gradient norm; 0 = no clipping
     seq_len: int = 2048  # tokens per packed row; a longer sample is an error (or a skip)
     max_tiles: int | None = None  # per-image tile budget; None = the checkpoint's
+    sample_tiles: int | None = None  # tiles for all images of one sample together; None = no limit
     pack: bool = True
     bf16: bool | str = "auto"  # autocast to bfloat16 (weights stay float32); auto: on GPUs and AMX CPUs
     train_vision: bool = False  # also unfreeze the vision encoder (pretrain / sft)

@@ -7,7 +7,7 @@
 - Tokens follow the model's own chat template and tiling: the conversation is rendered turn by turn,
   and only the text each assistant turn adds is trained on (labels of everything else are -100).
   The `<image>` placeholders become the family's image text for the tile plan of that image, under a
-  per-sample tile budget.
+  per-image tile budget and an optional per-sample one (all images of a sample together).
 - A micro-batch is a fixed number of samples; with packing they are laid first-fit-decreasing into
   rows no longer than its longest sample (less padding, no larger attention matrices); positions
   restart at each sample and a block-diagonal causal mask keeps samples apart (attention-only
@@ -201,9 +201,25 @@ def image_size(src) -> tuple[int, int]:
 class Encoder:
     """Conversation -> (ids, targets) with the checkpoint's chat template, tiling and image text."""
 
-    def __init__(self, tokenizer, tiles: TileSpec | None = None, image_text=None, max_tiles: int | None = None):
+    def __init__(self, tokenizer, tiles: TileSpec | None = None, image_text=None, max_tiles: int | None = None,
+                 sample_tiles: int | None = None):  # fmt: skip
         self.tok, self.tiles, self.image_text = tokenizer, tiles, image_text
         self.max_tiles = max_tiles if max_tiles is not None else (tiles.max_tiles if tiles else None)
+        self.sample_tiles = sample_tiles
+
+    def plans(self, record: Record) -> list[TilePlan]:
+        """Tile plans of the record's images: at most max_tiles each and, with a per-sample budget, the
+        per-image budget lowered until all images together fit it (thumbnails count)."""
+        sizes = [image_size(p) for p in record.images]
+        budget = self.max_tiles
+        while True:
+            plans = [plan_tiles(self.tiles, *size, max_tiles=budget) for size in sizes]
+            if self.sample_tiles is None or sum(p.tiles for p in plans) <= self.sample_tiles:
+                return plans
+            if budget <= self.tiles.min_tiles:
+                raise DataError(f"{record.source}: {len(sizes)} images need {sum(p.tiles for p in plans)} tiles "
+                                f"at the least, over sample_tiles {self.sample_tiles}")  # fmt: skip
+            budget -= 1
 
     def segments(self, messages: list[dict], where: str) -> list[tuple[str, bool]]:
         """The rendered conversation as (text, trained?) pieces: each assistant turn's own text is
@@ -228,7 +244,7 @@ class Encoder:
         if record.images:
             if self.image_text is None:
                 raise DataError(f"{record.source}: images given to a text-only model")
-            plans = [plan_tiles(self.tiles, *image_size(p), max_tiles=self.max_tiles) for p in record.images]
+            plans = self.plans(record)
         ids, labels, k = [], [], 0
         for text, trained in self.segments(record.messages, record.source):
             parts = text.split(PLACEHOLDERS["image"])

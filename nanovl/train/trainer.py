@@ -112,7 +112,7 @@ def build_model(cfg: TrainConfig):
         vlm, _ = load_vlm(cfg.model, dtype=dtype)
         lm, tiles = vlm.language_model, vlm.config.tiles
         context_id = tok.token_to_id(vlm.context_token)
-        encoder = Encoder(tok, tiles, vlm.image_text, cfg.max_tiles)
+        encoder = Encoder(tok, tiles, vlm.image_text, cfg.max_tiles, cfg.sample_tiles)
     else:
         if cfg.stage == "projector":
             raise DataError(f"{cfg.model}: stage projector needs a vision-language checkpoint")
@@ -147,7 +147,7 @@ def encode_all(records, encoder: Encoder, cfg: TrainConfig, context: int, skips:
         if len(e.ids) > limit:
             msg = f"{r.source}: {len(e.ids)} tokens, over seq_len {cfg.seq_len} (context {context})"
             if not cfg.skip_bad:
-                raise DataError(msg + "; lower max_tiles, raise seq_len, or set skip_bad")
+                raise DataError(msg + "; lower max_tiles or sample_tiles, raise seq_len, or set skip_bad")
             skips.add("longer than seq_len")
             continue
         if all(t == IGNORE for t in e.targets):
