@@ -375,3 +375,19 @@ def test_per_sample_tile_budget(work):
     assert sum(p.tiles for p in tight.plans(rec)) <= 6
     with pytest.raises(DataError, match="x.jsonl:1: 3 images need 3 tiles at the least, over sample_tiles 2"):
         Encoder(Tokenizer(work / "base"), spec, None, 4, sample_tiles=2).plans(rec)
+
+
+def test_text_model_trains_on_text_only_data(work, tmp_path):
+    import nanovl
+
+    base = write_checkpoint("llama", tmp_path / "base")
+    cfg = config(work, "textonly", model=str(base), out=str(tmp_path / "out"), data=[str(work / "data/text.jsonl")],
+                 steps=4, batch_size=4, grad_accum=1, lr=1e-2)  # fmt: skip
+    summary = train(load_train_config(cfg))
+    curve = losses(tmp_path / "out")
+    assert curve[-1] < curve[0]
+    assert isinstance(
+        nanovl.load(summary["saved"]).chat([{"role": "user", "content": "Hi"}], max_new_tokens=2).text, str
+    )
+    with pytest.raises(DataError, match="stage projector needs a vision-language checkpoint"):
+        train(load_train_config(config(work, "textproj", model=str(base), stage="projector")))
