@@ -69,25 +69,24 @@ def calibration_texts(source: str | None, samples: int) -> tuple[list[str], list
     return lines[held:][:samples], lines[:held]
 
 
-def record_inputs(model: nn.Module, modules: dict, record, token_batches: list[torch.Tensor]):
-    """Run the batches through `model`, calling record(key, x) with the input x of each module."""
+def record_inputs(run, modules: dict, record, batches):
+    """Call run(b) for each batch, calling record(key, x) with the input x of each module."""
     hooks = [m.register_forward_pre_hook(lambda mod, args, key=key: record(key, args[0].detach()))
              for key, m in modules.items()]  # fmt: skip
     try:
-        for ids in token_batches:
-            model(ids)
+        for b in batches:
+            run(b)
     finally:
         for h in hooks:
             h.remove()
 
 
 @torch.inference_mode()
-def input_absmax(model: nn.Module, token_batches: list[torch.Tensor]) -> dict[str, float]:
-    """The largest |input| each Linear sees over the calibration batches."""
+def input_absmax(run, modules: dict[str, nn.Module], batches) -> dict[str, float]:
+    """The largest |input| each module sees while run(b) goes over the calibration batches."""
     seen: dict[str, float] = {}
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    record_inputs(model, linears, lambda k, x: seen.__setitem__(k, max(seen.get(k, 0.0), float(x.abs().max()))),
-                  token_batches)  # fmt: skip
+    record_inputs(run, modules, lambda k, x: seen.__setitem__(k, max(seen.get(k, 0.0), float(x.abs().max()))),
+                  batches)  # fmt: skip
     return seen
 
 
@@ -166,20 +165,6 @@ def calibration_pixels(vlm, count: int, offset: int = 0) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def vision_absmax(vlm, linears: dict[str, nn.Linear], pixels: torch.Tensor) -> dict[str, float]:
-    seen: dict[str, float] = {}
-    hooks = [m.register_forward_pre_hook(lambda mod, a, k=k: seen.__setitem__(k, max(seen.get(k, 0.0),
-             float(a[0].abs().max())))) for k, m in linears.items()]  # fmt: skip
-    try:
-        for chunk in pixels.split(4):
-            vlm.encode_images(chunk)
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
-
-
-@torch.inference_mode()
 def vision_report(original, quantized, pixels: torch.Tensor) -> dict:
     a = torch.cat([original.encode_images(c) for c in pixels.split(4)]).float()
     b = torch.cat([quantized.encode_images(c) for c in pixels.split(4)]).float()
@@ -207,10 +192,12 @@ def quantize_fp8(model_dir: str, out_dir: str, calibration: str | None = None, s
     prefix = "language_model." if is_vlm else ""
     absmax = {}
     if method == "fp8":
-        absmax = {prefix + k: v for k, v in input_absmax(lm, batches(calib)).items()}
+        linears = {n: m for n, m in lm.named_modules() if isinstance(m, nn.Linear)}
+        absmax = {prefix + k: v for k, v in input_absmax(lm, linears, batches(calib)).items()}
         if include_vision:
             vision = {k: m for k, m in targets.items() if not k.startswith("language_model.")}
-            absmax.update(vision_absmax(root, vision, calibration_pixels(root, max(2, samples // 8))))
+            pixels = calibration_pixels(root, max(2, samples // 8))
+            absmax.update(input_absmax(root.encode_images, vision, pixels.split(4)))
 
     state = {}
     for name, module in targets.items():

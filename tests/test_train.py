@@ -288,7 +288,7 @@ def test_train_module_rejects_mismatched_image_tokens(work):
     model, _, encoder, tiles, _ = build_model(cfg)
     e = encoder.encode(read_records(cfg.data)[0])
     b = collate([e], tiles, 2048, True, 0)
-    with pytest.raises(ValueError, match="image tokens"):
+    with pytest.raises(ValueError, match="image context tokens for"):
         TrainModel.forward(model, b.ids, b.targets, b.positions, b.mask, torch.cat([b.pixels, b.pixels]))
 
 

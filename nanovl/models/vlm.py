@@ -260,7 +260,8 @@ VLMS = {"Llama_Nemotron_Nano_VL": NemotronNanoVL, "NVLM_D": NVLMD, "NemotronH_Na
 
 
 def merge_embeddings(text_embeds: torch.Tensor, ids: torch.Tensor, context_id: int, image_embeds: torch.Tensor):
-    """text_embeds: (T, C); ids: (T,); image_embeds: (K, C) with K = count of context_id in ids."""
+    """text_embeds: (T, C) or (B, T, C); ids: (T,) or (B, T); image_embeds: (K, C) with K = count of
+    context_id in ids, placed in row-major order. Differentiable (training merges with it too)."""
     mask = ids == context_id
     if int(mask.sum()) != image_embeds.shape[0]:
         raise ValueError(f"{int(mask.sum())} image context tokens for {image_embeds.shape[0]} image embeddings")

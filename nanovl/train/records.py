@@ -37,23 +37,37 @@ def doc_records(doc: Doc, paths: list[str], split: str) -> dict[str, list[dict]]
     meta = {"kind": doc.kind, "seed": doc.seed, "split": split}
     images = "".join("<image>\n" for _ in paths)
     out = {
-        "transcribe": [_conv(f"{doc.kind}-{doc.seed}-t", paths, [images + TRANSCRIBE, doc.transcription], meta)],
-        "extract": [_conv(f"{doc.kind}-{doc.seed}-x", paths, [images + EXTRACT, json.dumps(doc.fields)], meta)],
+        "transcribe": [
+            _conv(
+                f"{doc.kind}-{doc.seed}-t",
+                paths,
+                [images + TRANSCRIBE, doc.transcription],
+                {**meta, "task": "transcribe"},
+            )
+        ],
+        "extract": [
+            _conv(
+                f"{doc.kind}-{doc.seed}-x",
+                paths,
+                [images + EXTRACT, json.dumps(doc.fields)],
+                {**meta, "task": "extract"},
+            )
+        ],
     }
     turns = []
     for k, q in enumerate(doc.qa):
         turns += [(images if k == 0 else "") + q["question"], q["answer"]]
-    out["qa"] = [_conv(f"{doc.kind}-{doc.seed}-q", paths, turns, meta)]
+    out["qa"] = [_conv(f"{doc.kind}-{doc.seed}-q", paths, turns, {**meta, "task": "qa"})]
     # pages alternate with their text; a one-page document is grouped with others by `interleave`
     turns = [t for p, page in zip(paths, doc.clean) for t in ("<image>", page.transcription)]
-    out["interleaved"] = [_conv(f"{doc.kind}-{doc.seed}-i", paths, turns, meta)]
+    out["interleaved"] = [_conv(f"{doc.kind}-{doc.seed}-i", paths, turns, {**meta, "task": "interleaved"})]
     return out
 
 
 def _conv(rid: str, images: list[str], turns: list[str], meta: dict) -> dict:
     roles = ("user", "assistant")
     messages = [{"role": roles[k % 2], "content": t} for k, t in enumerate(turns)]
-    return {"id": rid, "images": images, "messages": messages, "meta": {**meta, "task": rid.rsplit("-", 1)[1]}}
+    return {"id": rid, "images": images, "messages": messages, "meta": meta}
 
 
 def interleave(records: list[dict], rng: random.Random, per: int = 3) -> list[dict]:
@@ -104,7 +118,7 @@ def text_instruction(seed: int, split: str = "train") -> dict:
         q, ans = f"Sort from smallest to largest: {', '.join(map(str, nums))}", ", ".join(map(str, sorted(nums)))
     else:
         q, ans = f"How many items are in this list: {', '.join(items)}?", str(len(items))
-    return _conv(f"text-{seed}-s", [], [q, ans], {"kind": "text", "seed": seed, "split": split})
+    return _conv(f"text-{seed}-s", [], [q, ans], {"kind": "text", "seed": seed, "split": split, "task": "text"})
 
 
 def _render(args) -> tuple[str, list[dict], dict[str, list[dict]]]:

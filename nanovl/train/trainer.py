@@ -36,6 +36,8 @@ from torch import nn
 from tqdm import tqdm
 
 from nanovl.errors import DataError
+from nanovl.models.nemotron_h import NemotronHForCausalLM
+from nanovl.models.vlm import merge_embeddings
 from nanovl.train.config import TrainConfig, config_dict
 from nanovl.train.data import IGNORE, Encoder, Example, Skips, collate, read_records
 from nanovl.train.lora import add_lora, save_adapter
@@ -58,11 +60,7 @@ class TrainModel(nn.Module):
         if pixels is not None:
             with torch.set_grad_enabled(self.vision_grad and torch.is_grad_enabled()):
                 feats = self.vlm.vision_features(pixels)
-            image = self.vlm.project(feats).flatten(0, 1)  # (tiles * tokens, C)
-            sel = (ids == self.context_id)[..., None]
-            if int(sel.sum()) != image.shape[0]:
-                raise ValueError(f"{int(sel.sum())} image tokens for {image.shape[0]} image embeddings")
-            x = x.masked_scatter(sel.expand_as(x), image.to(x.dtype))
+            x = merge_embeddings(x, ids, self.context_id, self.vlm.project(feats).flatten(0, 1))  # row-major order
         logits = self.lm(embeds=x, positions=positions, mask=mask)
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
@@ -339,7 +337,7 @@ def train(cfg: TrainConfig, restart: bool = False) -> dict:
     if len(pool) < per_step:
         raise DataError(f"{len(pool)} usable samples, fewer than one step takes ({per_step} = batch_size x "
                         f"grad_accum x processes)")  # fmt: skip
-    pack = cfg.pack and type(model.lm).__name__ != "NemotronHForCausalLM"  # Mamba state would cross samples
+    pack = cfg.pack and not isinstance(model.lm, NemotronHForCausalLM)  # Mamba state would cross samples
     pad_id = tok.token_to_id(tok.special_tokens.get("pad_token") or "") or 0
     model.to(device).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
