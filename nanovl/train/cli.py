@@ -12,7 +12,9 @@ def cmd_synth(args):
     from nanovl.train.synth import KINDS
 
     kinds = args.kinds.split(",") if args.kinds else list(KINDS)
-    counts = write_dataset(args.out, args.count, kinds, args.start, args.split, args.text, args.augment, args.workers)
+    counts = write_dataset(
+        args.out, args.count, kinds, args.start, args.split, args.text, args.augment, args.workers, args.crops
+    )
     for name, n in counts.items():
         print(f"{args.out}/{name}: {n} records")
     if args.shard_size:
@@ -29,7 +31,9 @@ def cmd_train(args):
     cfg = load_train_config(args.config, steps=args.steps, out=args.out)
     summary = train(cfg, restart=args.restart)
     if summary.get("saved"):
-        print(f"nanovl train: {summary['steps']} steps, final loss {summary['loss']:.4f}; saved {summary['saved']}")
+        acc = f", held-out character accuracy {summary['val_char_acc']:.3f}" if summary.get("val_char_acc") else ""
+        loss = f"final loss {summary['loss']:.4f}{acc}"
+        print(f"nanovl train: {summary['steps']} steps, {loss}; saved {summary['saved']}")
         if summary.get("plot"):
             print(f"nanovl train: loss curve {summary['plot']}")
     if args.json and summary.get("saved"):
@@ -55,6 +59,9 @@ def add_train_commands(sub: argparse._SubParsersAction):
     p.add_argument("--text", type=int, default=0, help="text-only instruction samples to write (text.jsonl)")
     p.add_argument("--augment", type=float, default=1.0, help="degradation strength, 0 = clean pages (default 1)")
     p.add_argument("--workers", type=int, default=1, help="rendering processes (default 1)")
+    p.add_argument(
+        "--crops", type=int, default=0, help="also write this many crops per page with their text (crops.jsonl)"
+    )
     p.add_argument("--shard-size", type=int, help="also write WebDataset-style tar shards of this many samples")
     p.set_defaults(func=cmd_synth)
 

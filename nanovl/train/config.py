@@ -1,6 +1,8 @@
 """One training stage as a small config file (TOML or JSON) -> `TrainConfig`.
 
-  stage = "projector" | "pretrain" | "sft"
+  stage = "vision" | "projector" | "pretrain" | "sft"
+    vision:    only the vision encoder trains, on per-patch character targets of synthetic pages
+               (data = ["synthdocs"]; nanovl/train/vision.py);
     projector: only mlp1 trains (vision encoder and LLM frozen), on image-text pairs;
     pretrain:  mlp1 and the LLM train, on interleaved image-text data;
     sft:       mlp1 and the LLM train on instructions, with `text_share` of text-only samples.
@@ -22,7 +24,8 @@ from pathlib import Path
 
 from nanovl.errors import DataError
 
-STAGES = ("projector", "pretrain", "sft")
+STAGES = ("vision", "projector", "pretrain", "sft")
+SYNTHDOCS = "synthdocs"  # stage vision's data: pages rendered on the fly by the generator
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -87,6 +90,11 @@ def _check(cfg: TrainConfig, path: Path, text: str):
             bad(name, "must be a positive integer")
     if not isinstance(cfg.data, list) or not cfg.data:
         bad("data", "must be a non-empty list of JSONL files or tar shards")
+    if (cfg.stage == "vision") != (cfg.data == [SYNTHDOCS]):
+        bad("data", f'must be ["{SYNTHDOCS}"] for stage vision (it needs where each character is drawn, which '
+                    f'only the generator knows), and only for it')  # fmt: skip
+    if cfg.stage == "vision" and (cfg.lora or cfg.text_data or cfg.train_vision):
+        bad("stage", "vision trains the vision encoder alone: no lora, text_data or train_vision")
     if not 0 <= cfg.text_share < 1:
         bad("text_share", "must be in [0, 1)")
     if cfg.text_share and not cfg.text_data:
@@ -147,7 +155,7 @@ def load_train_config(path: str | Path, **overrides) -> TrainConfig:
         raw[key] = os.path.normpath(root / raw[key])
     for key in ("data", "text_data"):
         if isinstance(raw.get(key), list):
-            raw[key] = [os.path.normpath(root / p) for p in raw[key]]
+            raw[key] = [p if p == SYNTHDOCS else os.path.normpath(root / p) for p in raw[key]]
     cfg = TrainConfig(**raw)
     _check(cfg, path, text)
     return cfg

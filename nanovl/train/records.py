@@ -11,6 +11,8 @@ Tasks (one file each, so a stage config picks what it trains on):
 - qa: every question about a document as one multi-turn conversation (stage 3).
 - extract: the key-value fields as JSON (stage 3).
 - text: text-only instructions (arithmetic, reading a snippet, JSON, sorting) for the re-blend.
+- crops (with `--crops N`): N crops of each page, each with the text inside it: a cheap way to learn
+  to read before whole pages.
 An evaluation split (seeds >= EVAL_SEED_START) also writes eval.jsonl: one record per question,
 plus one transcription item per document, in the evaluation harness's jsonl format.
 """
@@ -26,9 +28,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from nanovl.errors import NanovlError
+from nanovl.train.render import Page, rotate_points
 from nanovl.train.synth import CITIES, EVAL_SEED_START, FIRST, GROCERY, KINDS, LAST, Doc, company, make_doc
 
-TASKS = ("transcribe", "interleaved", "qa", "extract", "text")
+TASKS = ("transcribe", "interleaved", "qa", "extract", "text")  # crops: on request (`--crops N`)
+CROP_SIZES = ((256, 256), (256, 256), (512, 256), (512, 512))  # (w, h), drawn uniformly
 TRANSCRIBE = "Transcribe the text of this document."
 EXTRACT = "Extract the key fields of this document as JSON."
 
@@ -121,15 +125,56 @@ def text_instruction(seed: int, split: str = "train") -> dict:
     return _conv(f"text-{seed}-s", [], [q, ans], {"kind": "text", "seed": seed, "split": split, "task": "text"})
 
 
+def crop_text(page: Page, angle: float, size: tuple[int, int], box: tuple[int, int, int, int]) -> str:
+    """The text whose characters have their centres inside `box` of the delivered (rotated) page, line
+    by line; the parts of one line keep the line's separator."""
+    x0, y0, x1, y1 = box
+    lines = []
+    for line in page.lines:
+        parts = []
+        for item in line.items:
+            inside = "".join(c for x, y, c in rotate_points(item.glyphs(), angle, size)
+                             if x0 <= x < x1 and y0 <= y < y1).strip()  # fmt: skip
+            parts += [inside] if inside else []
+        lines += [line.sep.join(parts)] if parts else []
+    return "\n".join(lines)
+
+
+def crop_records(doc: Doc, out: Path, per_page: int, split: str) -> list[dict]:
+    """`per_page` crops of each page, each a whole number of tiles at the model's usual scale (256 or 512
+    px a side), placed around a random character, with the text inside as the transcription."""
+    rng = random.Random(f"crops:{doc.kind}:{doc.seed}")
+    records = []
+    for i, (im, page, angle) in enumerate(zip(doc.pages, doc.clean, doc.angles)):
+        glyphs = [g for item in page.items for g in item.chars()]
+        for k in range(per_page if glyphs else 0):
+            w, h = (min(v, side) for v, side in zip(rng.choice(CROP_SIZES), im.size))
+            cx, cy, _ = rotate_points([rng.choice(glyphs)], angle, im.size)[0]
+            x0 = int(min(max(0, cx - rng.uniform(0.1, 0.9) * w), im.width - w))
+            y0 = int(min(max(0, cy - rng.uniform(0.1, 0.9) * h), im.height - h))
+            box = (x0, y0, x0 + w, y0 + h)
+            text = crop_text(page, angle, im.size, box)
+            if not text:
+                continue
+            rel = f"images/{doc.kind}-{doc.seed}-p{i + 1}-c{k}.png"
+            im.crop(box).save(out / rel, compress_level=1)
+            meta = {"kind": doc.kind, "seed": doc.seed, "split": split, "task": "crops"}
+            records.append(_conv(f"{doc.kind}-{doc.seed}-p{i + 1}-c{k}", [rel], ["<image>\n" + TRANSCRIBE, text], meta))
+    return records
+
+
 def _render(args) -> tuple[str, list[dict], dict[str, list[dict]]]:
-    kind, seed, out, split, strength = args
+    kind, seed, out, split, strength, crops = args
     doc = make_doc(kind, seed, strength)
     paths = []
     for i, page in enumerate(doc.pages):
         rel = f"images/{kind}-{seed}-p{i + 1}.png"
-        page.save(out / rel)
+        page.save(out / rel, compress_level=1)  # fast; the files are scratch data
         paths.append(rel)
-    return kind, eval_records(doc, paths) if split == "eval" else [], doc_records(doc, paths, split)
+    records = doc_records(doc, paths, split)
+    if crops:
+        records["crops"] = crop_records(doc, out, crops, split)
+    return kind, eval_records(doc, paths) if split == "eval" else [], records
 
 
 def write_dataset(
@@ -141,9 +186,11 @@ def write_dataset(
     text_count: int = 0,
     augment: float = 1.0,
     workers: int = 1,
+    crops: int = 0,
 ) -> dict[str, int]:
     """Render `count` documents per kind with seeds start.. (eval: EVAL_SEED_START + start..) into
-    OUT/images and the task JSONL files; returns the record count per file."""
+    OUT/images and the task JSONL files (with `crops` > 0, also that many crops per page in
+    crops.jsonl); returns the record count per file."""
     if split not in ("train", "eval"):
         raise NanovlError(f"split must be train or eval, not {split!r}")
     unknown = [k for k in kinds if k not in KINDS]
@@ -154,8 +201,8 @@ def write_dataset(
         raise NanovlError(f"training seeds must stay below {EVAL_SEED_START} (reserved for evaluation)")
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    jobs = [(k, s, out, split, augment) for s in range(first, first + count) for k in kinds]
-    per_task: dict[str, list[dict]] = {t: [] for t in TASKS}
+    jobs = [(k, s, out, split, augment, crops) for s in range(first, first + count) for k in kinds]
+    per_task: dict[str, list[dict]] = {t: [] for t in (*TASKS, "crops")}
     evals = []
     pool = ProcessPoolExecutor(workers) if workers > 1 else None
     results = pool.map(_render, jobs, chunksize=8) if pool else map(_render, jobs)

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import io
+import math
 import random
 from dataclasses import dataclass, field
 from functools import cache
@@ -51,6 +52,17 @@ class TextItem:
     font: tuple[str, int]  # (file, size)
     fill: tuple[int, int, int]
     bbox: tuple[int, int, int, int]
+
+    def glyphs(self) -> list[tuple[float, float, str]]:
+        """(x, y, character) for each character, spaces included: the middle of its advance, at the
+        string's vertical middle."""
+        f, (x, _), y = font(*self.font), self.xy, (self.bbox[1] + self.bbox[3]) / 2
+        edges = [x + f.getlength(self.text[:i]) for i in range(len(self.text) + 1)]
+        return [((edges[i] + edges[i + 1]) / 2, y, c) for i, c in enumerate(self.text)]
+
+    def chars(self) -> list[tuple[float, float, str]]:
+        """`glyphs` without the spaces."""
+        return [g for g in self.glyphs() if not g[2].isspace()]
 
 
 @dataclass
@@ -114,8 +126,23 @@ def item_matches(page: Image.Image, item: TextItem, bg) -> bool:
 
 def augment(im: Image.Image, rng: random.Random, strength: float = 1.0) -> Image.Image:
     """Scanner/phone-like degradation; strength 0 returns the page unchanged."""
+    return degrade(im, rng, strength)[0]
+
+
+def rotate_points(points, angle: float, size: tuple[int, int]):
+    """(x, y, ...) page positions -> where `Image.rotate(angle)` (about the centre, no expand) moves them."""
+    a, cx, cy = math.radians(angle), size[0] / 2, size[1] / 2
+    cos, sin = math.cos(a), math.sin(a)
+    return [(cx + (x - cx) * cos + (y - cy) * sin, cy - (x - cx) * sin + (y - cy) * cos, *rest)
+            for x, y, *rest in points]  # fmt: skip
+
+
+def degrade(im: Image.Image, rng: random.Random, strength: float = 1.0) -> tuple[Image.Image, float]:
+    """`augment` that also returns the rotation it applied (degrees, counter-clockwise), so positions on
+    the clean page can follow the pixels (`rotate_points`)."""
+    angle = 0.0
     if strength <= 0:
-        return im
+        return im, angle
     if rng.random() < 0.5 * strength:
         angle = rng.uniform(-1.5, 1.5) * strength
         im = im.rotate(angle, resample=Image.BICUBIC, expand=False, fillcolor=im.getpixel((0, 0)))
@@ -129,4 +156,4 @@ def augment(im: Image.Image, rng: random.Random, strength: float = 1.0) -> Image
         buf = io.BytesIO()
         im.save(buf, "JPEG", quality=rng.randint(45, 90))
         im = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
-    return im
+    return im, angle

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from nanovl.train.render import Page, augment, fonts_available
+from nanovl.train.render import Page, degrade, fonts_available
 
 KINDS = ("invoice", "receipt", "form", "table", "bar_chart", "line_chart", "report")
 EVAL_SEED_START = 1_000_000  # seeds >= this are evaluation data, never training data
@@ -50,6 +50,7 @@ class Doc:
     fields: dict = field(default_factory=dict)
     qa: list[dict] = field(default_factory=list)  # {question, answer, type, [choices]}
     chart: dict | None = None  # {labels, values, kind, geometry}
+    angles: list[float] = field(default_factory=list)  # rotation applied to each delivered page (degrees)
 
     @property
     def transcription(self) -> str:
@@ -385,5 +386,18 @@ def make_doc(kind: str, seed: int, augment_strength: float = 1.0) -> Doc:
         pages, fields, qas = {"invoice": invoice, "receipt": receipt, "form": form, "table": table,
                               "report": report}[kind](rng)  # fmt: skip
     aug = random.Random(f"augment:{kind}:{seed}")
-    delivered = [augment(p.image.copy(), aug, augment_strength) for p in pages]
-    return Doc(kind, seed, delivered, pages, fields, qas, chart_truth)
+    delivered, angles = zip(*(degrade(p.image.copy(), aug, augment_strength) for p in pages))
+    return Doc(kind, seed, list(delivered), pages, fields, qas, chart_truth, list(angles))
+
+
+def text_corpus(per_kind: int) -> list[str]:
+    """Training-split text (transcriptions, questions, answers, field JSON) of `per_kind` documents of
+    each kind: what a tokenizer for a model of these documents is trained on."""
+    import json
+
+    out = []
+    for kind in KINDS:
+        for seed in range(per_kind):
+            doc = make_doc(kind, seed, augment_strength=0)
+            out += [doc.transcription, json.dumps(doc.fields)] + [f"{q['question']} {q['answer']}" for q in doc.qa]
+    return out

@@ -316,6 +316,10 @@ class Stop:
 
 def train(cfg: TrainConfig, restart: bool = False) -> dict:
     """Run (or resume) the stage; returns a summary. Exits with status 143 after a SIGTERM checkpoint."""
+    if cfg.stage == "vision":
+        from nanovl.train.vision import train_vision
+
+        return train_vision(cfg, restart)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     rank, world, device = setup_distributed(cfg)

@@ -1,0 +1,235 @@
+"""`stage = "vision"`: teach the vision encoder to see characters before any language modelling.
+
+Why a stage of its own: a small encoder trained from scratch on image-text pairs alone learned to
+tell that a page is there, not what is written on it (the pilots in issue #7: the loss with a
+sample's own page equalled the loss with another sample's page). A dense objective gives every patch
+its own target, so the glyph detail has to be in the features.
+
+- Data (`data = ["synthdocs"]`): synthetic pages from the generator, training seeds only, rendered on
+  the fly, degraded by `render.degrade` and tiled by the checkpoint's own rule. The clean page knows
+  every character it drew and where (`TextItem.chars`); the positions follow the rotation.
+- Target: for each patch of each grid tile (the thumbnail is left out: its text is too small to
+  label), the characters whose centres fall in it, in reading order (line, then x), in `SLOTS` slots
+  over `CHARSET` (+ empty, + other). A linear head on the encoder's patch features; cross-entropy,
+  empty slots weighted `EMPTY_WEIGHT`. Tiles without any character are skipped.
+- Step s renders from `random.Random(f"vision:{seed}:{s}")`: a resumed run trains on the same pages.
+- At every save: slot accuracy on the characters of held-out pages (evaluation seeds), in metrics.jsonl.
+- OUT/model is the starting checkpoint with the trained encoder; the head stays in the checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from nanovl.errors import DataError
+from nanovl.tiling import TilePlan, TileSpec, make_tiles, plan_tiles
+from nanovl.train.config import TrainConfig, config_dict
+from nanovl.train.render import Page, degrade, rotate_points
+from nanovl.train.synth import EVAL_SEED_START, KINDS, make_doc
+from nanovl.train.trainer import Checkpoints, Stop, export_model, lr_at, plot_losses, truncate_metrics, use_bf16
+
+CHARSET = "".join(chr(c) for c in range(33, 127)) + "£€"  # printable ASCII but the space
+CHAR_ID = {c: i + 1 for i, c in enumerate(CHARSET)}  # 0 = empty slot
+OTHER = len(CHARSET) + 1  # a character outside CHARSET
+CLASSES = len(CHARSET) + 2
+SLOTS = 4  # characters per patch kept (a 16-px patch of ~11-px text holds 2-3)
+EMPTY_WEIGHT = 0.2
+EVAL_DOCS = 2  # held-out documents per kind
+
+
+def page_chars(page: Page) -> list[tuple[float, float, str, int]]:
+    """(x, y, character, line number) of every character drawn on the page."""
+    return [(x, y, c, n) for n, line in enumerate(page.lines) for item in line.items for x, y, c in item.chars()]
+
+
+def patch_targets(chars, plan: TilePlan, spec: TileSpec, size: tuple[int, int], patch: int) -> torch.Tensor:
+    """Characters at page positions -> (grid tiles, patches per tile, SLOTS) class ids."""
+    (cols, rows), t = plan.grid, spec.tile_size
+    side = t // patch
+    sx, sy = cols * t / size[0], rows * t / size[1]
+    cells = defaultdict(list)
+    for x, y, c, line in chars:
+        x, y = x * sx, y * sy
+        if 0 <= x < cols * t and 0 <= y < rows * t:
+            tile = int(y // t) * cols + int(x // t)
+            cells[tile, int(y % t // patch) * side + int(x % t // patch)].append((line, x, CHAR_ID.get(c, OTHER)))
+    out = torch.zeros(cols * rows, side * side, SLOTS, dtype=torch.long)
+    for (tile, cell), found in cells.items():
+        for slot, (_, _, cid) in enumerate(sorted(found)[:SLOTS]):
+            out[tile, cell, slot] = cid
+    return out
+
+
+def render_tiles(kind: str, seed: int, rng: random.Random, spec: TileSpec, patch: int, max_tiles: int | None,
+                 strength: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """One document -> (tiles, 3, S, S) pixels and their targets, tiles without characters left out."""
+    pixels, targets = [], []
+    for page in make_doc(kind, seed, augment_strength=0).clean:
+        im, angle = degrade(page.image.copy(), rng, strength)
+        chars = rotate_points(page_chars(page), angle, im.size)
+        plan = plan_tiles(spec, *im.size, max_tiles)
+        grid = plan.grid[0] * plan.grid[1]
+        y = patch_targets(chars, plan, spec, im.size, patch)
+        keep = (y > 0).flatten(1).any(1)
+        pixels.append(make_tiles(im, spec, plan)[:grid][keep])
+        targets.append(y[keep])
+    return torch.cat(pixels), torch.cat(targets)
+
+
+def step_batch(step: int, cfg: TrainConfig, spec: TileSpec, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tiles of one optimizer step: deterministic in (seed, step); training seeds only."""
+    rng = random.Random(f"vision:{cfg.seed}:{step}")
+    pixels, targets, n = [], [], 0
+    while n < cfg.batch_size:
+        x, y = render_tiles(rng.choice(KINDS), rng.randrange(EVAL_SEED_START), rng, spec, patch, cfg.max_tiles)
+        pixels.append(x)
+        targets.append(y)
+        n += len(x)
+    pick = torch.randperm(n, generator=torch.Generator().manual_seed(rng.getrandbits(62)))[: cfg.batch_size]
+    return torch.cat(pixels)[pick], torch.cat(targets)[pick]
+
+
+def eval_set(spec: TileSpec, patch: int, max_tiles: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    pairs = [render_tiles(k, EVAL_SEED_START + i, random.Random(f"vision-eval:{k}:{i}"), spec, patch, max_tiles)
+             for k in KINDS for i in range(EVAL_DOCS)]  # fmt: skip
+    return torch.cat([p for p, _ in pairs]), torch.cat([t for _, t in pairs])
+
+
+class CharHead(nn.Module):
+    """The vision encoder with a linear per-patch character head; forward gives the weighted loss."""
+
+    def __init__(self, vision: nn.Module, width: int):
+        super().__init__()
+        self.vision = vision
+        self.head = nn.Linear(width, SLOTS * CLASSES)
+
+    def logits(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.head(self.vision(pixels)).unflatten(-1, (SLOTS, CLASSES))  # (tiles, patches, SLOTS, C)
+
+    def forward(self, pixels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.logits(pixels)
+        if logits.shape[:3] != targets.shape:
+            raise DataError(f"the vision encoder gives {tuple(logits.shape[:2])} patch features per batch, "
+                            f"the targets are for {tuple(targets.shape[:2])}")  # fmt: skip
+        y = targets.flatten()
+        w = torch.where(y > 0, 1.0, EMPTY_WEIGHT)
+        return (F.cross_entropy(logits.float().flatten(0, 2), y, reduction="none") * w).sum() / w.sum()
+
+    @torch.no_grad()
+    def char_accuracy(self, pixels: torch.Tensor, targets: torch.Tensor, batch: int = 32) -> float:
+        right = total = 0
+        for i in range(0, len(pixels), batch):
+            pred, y = self.logits(pixels[i : i + batch]).argmax(-1), targets[i : i + batch]
+            right += int((pred == y)[y > 0].sum())
+            total += int((y > 0).sum())
+        return right / max(total, 1)
+
+
+def train_vision(cfg: TrainConfig, restart: bool = False) -> dict:
+    """The vision stage (see the module docstring); resumable like every stage."""
+    from nanovl.api import load_vlm
+    from nanovl.config import load_config
+    from nanovl.models.vlm import VLMS
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise DataError("stage vision runs in one process (it is small); start it without torchrun")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    ckpt = load_config(cfg.model)
+    if ckpt.architecture not in VLMS:
+        raise DataError(f"{cfg.model}: stage vision needs a vision-language checkpoint, not {ckpt.architecture}")
+    vlm, _ = load_vlm(cfg.model, dtype="float32")
+    spec, patch, width = vlm.config.tiles, vlm.config.vision.patch_size, vlm.config.vision.hidden_size
+    vlm.requires_grad_(False)
+    vlm.vision_model.requires_grad_(True)
+    torch.manual_seed(cfg.seed)
+    model = CharHead(vlm.vision_model, width)
+    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+                          else "cpu")  # fmt: skip
+    model.to(device).train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim >= 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=tuple(cfg.betas))  # fmt: skip
+    out = Path(cfg.out)
+    ckpts = Checkpoints(out, cfg.keep)
+    if restart:
+        shutil.rmtree(ckpts.dir, ignore_errors=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    info = {"config": config_dict(cfg), "world": 1, "charset": CHARSET, "slots": SLOTS}
+    start, latest = 0, ckpts.latest()
+    if latest is not None:
+        saved = json.loads((latest / "trainer.json").read_text())["config"]
+        changed = [k for k in saved if k not in {"steps", "save_every", "keep", "threads", "device"}
+                   and saved[k] != info["config"].get(k)]  # fmt: skip
+        if changed:
+            raise DataError(f"{out} holds a run with another {changed[0]} ({saved[changed[0]]!r}); "
+                            "use --restart or another out folder")  # fmt: skip
+        start = Checkpoints.load(latest, model, opt)["step"]
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = out / "metrics.jsonl"
+    truncate_metrics(metrics, start)
+    bf16 = use_bf16(cfg.bf16, device)
+    val_x, val_y = eval_set(spec, patch, cfg.max_tiles)
+    n_train = sum(p.numel() for p in trainable)
+    print(f"nanovl train: stage vision, {n_train:,} parameters trainable (encoder + character head), "
+          f"{cfg.batch_size} tiles of {spec.tile_size} px per step, held-out {len(val_x)} tiles, on {device}"
+          + (", bf16 autocast" if bf16 else ", float32") + (f", resuming at step {start}" if start else ""),
+          file=sys.stderr)  # fmt: skip
+    stop = Stop()
+    bar = tqdm(total=cfg.steps, initial=start, desc="train vision", unit="step", mininterval=1)
+    step, loss, t_start = start, float("nan"), time.perf_counter()
+    try:
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, cfg)
+            pixels, targets = step_batch(step, cfg, spec, patch)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                part = model(pixels.to(device), targets.to(device))
+            part.backward()
+            norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.clip if cfg.clip > 0 else float("inf"))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step, loss = step + 1, part.item()
+            dt = time.perf_counter() - t0
+            row = {"step": step, "loss": loss, "lr": lr_at(step - 1, cfg), "grad_norm": float(norm),
+                   "tiles_per_s": cfg.batch_size / dt, "elapsed_s": time.perf_counter() - t_start}  # fmt: skip
+            if step % cfg.save_every == 0 or step == cfg.steps or stop.requested:
+                model.eval()
+                row["val_char_acc"] = model.char_accuracy(val_x.to(device), val_y.to(device))
+                model.train()
+                ckpts.save(step, model, opt, info)
+            with open(metrics, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}", **({"char_acc": f"{row['val_char_acc']:.3f}"}
+                            if "val_char_acc" in row else {}))  # fmt: skip
+            bar.update(1)
+            if stop.requested:
+                break
+    finally:
+        bar.close()
+        stop.restore()
+    if stop.requested and step < cfg.steps:
+        print(f"nanovl train: stopped by signal; checkpoint at step {step} in {ckpts.dir}; "
+              "run the same command to resume", file=sys.stderr)  # fmt: skip
+        raise SystemExit(143)
+    rows = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()]
+    accuracy = [r["val_char_acc"] for r in rows if "val_char_acc" in r]
+    saved = export_model(vlm, ckpt, cfg.model, out / "model", vlm=True)
+    plot = plot_losses(metrics, out / "loss.png")
+    return {"steps": step, "loss": loss, "val_char_acc": accuracy[-1] if accuracy else None, "out": str(out),
+            "saved": str(saved), "plot": str(out / "loss.png") if plot else None}  # fmt: skip
