@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from pathlib import Path
 
 from nanovl.errors import NanovlError
 
@@ -205,8 +207,6 @@ def cmd_ask(args):
 
 
 def cmd_tiles(args):
-    import json
-    from pathlib import Path
 
     from nanovl.api import tile_spec
     from nanovl.media import load_document
@@ -250,7 +250,6 @@ def cmd_serve(args):
 
 
 def cmd_eval_score(args):
-    import json
 
     from nanovl.eval.score import score_file
 
@@ -265,7 +264,6 @@ def cmd_eval_score(args):
 
 
 def cmd_eval(args):
-    import json
 
     from nanovl.eval.datasets import load
     from nanovl.eval.runner import EndpointBackend, LocalBackend, headline, run
@@ -274,8 +272,6 @@ def cmd_eval(args):
         raise NanovlError("give exactly one of --model DIR or --endpoint URL")
     data = args.data
     if data is None and args.task == "corpus":
-        from pathlib import Path
-
         data = str(Path.cwd().parent / "shared" / "corpus")
     if data is None:
         raise NanovlError("--data PATH is required: the benchmark's files, as distributed")
@@ -316,8 +312,29 @@ def cmd_make_tiny(args):
 
     if args.family not in ALL_FAMILIES:
         raise NanovlError(f"unknown family {args.family!r}; choose from {', '.join(ALL_FAMILIES)}")
-    out = write_checkpoint(args.family, args.outdir, dtype=args.dtype, seed=args.seed)
-    print(f"wrote a tiny random {args.family} checkpoint to {out}")
+    spec = {}
+    if args.spec:
+        try:
+            spec = json.loads(Path(args.spec).read_text())
+        except (OSError, ValueError) as e:
+            raise NanovlError(f"{args.spec}: cannot read the model spec ({e})") from None
+        unknown = set(spec) - set(SPEC_FIELDS)
+        if unknown:
+            raise NanovlError(f"{args.spec}: unknown field {sorted(unknown)[0]!r} (known: {', '.join(SPEC_FIELDS)})")
+    corpus = None
+    if spec.get("tokenizer_corpus"):
+        from nanovl.train.synth import text_corpus
+
+        corpus = text_corpus(int(spec["tokenizer_corpus"]))
+    out = write_checkpoint(args.family, args.outdir, size=spec.get("size"), dtype=args.dtype, seed=args.seed,
+                           vision=spec.get("vision"), image_size=spec.get("image_size"), corpus=corpus,
+                           tokenizer_vocab=spec.get("tokenizer_vocab", 512), max_tiles=spec.get("max_tiles"),
+                           top=spec.get("top"))  # fmt: skip
+    print(f"wrote a {'' if args.spec else 'tiny '}random {args.family} checkpoint to {out}")
+
+
+# make-tiny --spec: a JSON object with any of these (tokenizer_corpus: synthetic documents per kind)
+SPEC_FIELDS = ("size", "vision", "image_size", "max_tiles", "top", "tokenizer_vocab", "tokenizer_corpus")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -416,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("outdir")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--spec", help="JSON with the sizes, tiling and tokenizer to use (e.g. configs/tiny-doc/model.json)")
     p.set_defaults(func=cmd_make_tiny)
 
     from nanovl.train.cli import add_train_commands

@@ -330,10 +330,13 @@ def write_checkpoint(
     image_size: int | None = None,
     corpus: list[str] | None = None,
     tokenizer_vocab: int = 512,
+    max_tiles: int | None = None,
+    top: dict | None = None,
 ) -> Path:
     """Write a random checkpoint of `family` (one of ALL_FAMILIES). `size` overrides the text model's
-    size fields, `vision` the vision_config's, `image_size` the tile size (VLM families); the tokenizer
-    is trained on `corpus` (default: a few built-in sentences) to `tokenizer_vocab` entries."""
+    size fields, `vision` the vision_config's, `image_size` the tile size and `max_tiles` the tile
+    budget, `top` other top-level config fields (VLM families); the tokenizer is trained on `corpus`
+    (default: a few built-in sentences) to `tokenizer_vocab` entries."""
     if family not in ALL_FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose from {', '.join(ALL_FAMILIES)}")
     vlm = VLM_FAMILIES.get(family)
@@ -375,6 +378,10 @@ def write_checkpoint(
         if image_size:
             hf["force_image_size"] = image_size
             pre = {**pre, "image_size": image_size} if pre else pre
+        if max_tiles:
+            hf.update({"max_dynamic_patch": max_tiles} if "max_dynamic_patch" in hf else {})
+            pre = {**pre, "max_num_tiles": max_tiles} if pre else pre
+        hf.update(top or {})
         if pre:
             (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
     else:

@@ -196,3 +196,17 @@ def test_text_instructions_are_deterministic_and_right():
         elif q.startswith("Write the name"):
             name, city = re.search(r"Name: (.*?)\.", q)[1], re.search(r"City: (.*?)\.", q)[1]
             assert json.loads(a) == {"name": name, "city": city}
+
+
+def test_qa_conversations_hold_every_question_in_a_varying_order():
+    from nanovl.train.records import doc_records
+
+    firsts = set()
+    for seed in range(8):
+        doc = make_doc("invoice", seed)
+        msgs = doc_records(doc, ["p.png"], "train")["qa"][0]["messages"]
+        pairs = [(msgs[k]["content"].removeprefix("<image>\n"), msgs[k + 1]["content"]) for k in range(0, len(msgs), 2)]
+        assert sorted(pairs) == sorted((q["question"], q["answer"]) for q in doc.qa)
+        assert msgs[0]["content"].startswith("<image>\n") and all("<image>" not in m["content"] for m in msgs[1:])
+        firsts.add(pairs[0][0].split("\n")[0])
+    assert len(firsts) >= 4  # the first question differs between documents

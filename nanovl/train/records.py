@@ -8,7 +8,7 @@ with image paths relative to the JSONL file and one `<image>` placeholder per im
 Tasks (one file each, so a stage config picks what it trains on):
 - transcribe: the document's full text (stage 1: image-text pairs).
 - interleaved: several documents (or the pages of one) alternating image and text (stage 2).
-- qa: every question about a document as one multi-turn conversation (stage 3).
+- qa: every question about a document as one multi-turn conversation, in a random order (stage 3).
 - extract: the key-value fields as JSON (stage 3).
 - text: text-only instructions (arithmetic, reading a snippet, JSON, sorting) for the re-blend.
 - crops (with `--crops N`): N crops of each page, each with the text inside it: a cheap way to learn
@@ -37,6 +37,14 @@ TRANSCRIBE = "Transcribe the text of this document."
 EXTRACT = "Extract the key fields of this document as JSON."
 
 
+def question_order(kind: str, seed: int, qa: list) -> list:
+    """The document's questions in a per-document random order, so that every question is sometimes
+    the first turn (as it is when asked alone)."""
+    qa = list(qa)
+    random.Random(f"qa-order:{kind}:{seed}").shuffle(qa)
+    return qa
+
+
 def doc_records(doc: Doc, paths: list[str], split: str) -> dict[str, list[dict]]:
     meta = {"kind": doc.kind, "seed": doc.seed, "split": split}
     images = "".join("<image>\n" for _ in paths)
@@ -59,7 +67,7 @@ def doc_records(doc: Doc, paths: list[str], split: str) -> dict[str, list[dict]]
         ],
     }
     turns = []
-    for k, q in enumerate(doc.qa):
+    for k, q in enumerate(question_order(doc.kind, doc.seed, doc.qa)):
         turns += [(images if k == 0 else "") + q["question"], q["answer"]]
     out["qa"] = [_conv(f"{doc.kind}-{doc.seed}-q", paths, turns, {**meta, "task": "qa"})]
     # pages alternate with their text; a one-page document is grouped with others by `interleave`
