@@ -207,7 +207,6 @@ def cmd_ask(args):
 
 
 def cmd_tiles(args):
-
     from nanovl.api import tile_spec
     from nanovl.media import load_document
     from nanovl.tiling import draw_grid, plan_tiles
@@ -250,7 +249,6 @@ def cmd_serve(args):
 
 
 def cmd_eval_score(args):
-
     from nanovl.eval.score import score_file
 
     summary = score_file(args.task, args.predictions)
@@ -264,7 +262,6 @@ def cmd_eval_score(args):
 
 
 def cmd_eval(args):
-
     from nanovl.eval.datasets import load
     from nanovl.eval.runner import EndpointBackend, LocalBackend, headline, run
 

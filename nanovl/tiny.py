@@ -379,7 +379,8 @@ def write_checkpoint(
             hf["force_image_size"] = image_size
             pre = {**pre, "image_size": image_size} if pre else pre
         if max_tiles:
-            hf.update({"max_dynamic_patch": max_tiles} if "max_dynamic_patch" in hf else {})
+            if "max_dynamic_patch" in hf:  # the families whose config.json carries the budget
+                hf["max_dynamic_patch"] = max_tiles
             pre = {**pre, "max_num_tiles": max_tiles} if pre else pre
         hf.update(top or {})
         if pre:
