@@ -38,7 +38,16 @@ from nanovl.tiling import TilePlan, TileSpec, make_tiles, plan_tiles
 from nanovl.train.config import TrainConfig, config_dict
 from nanovl.train.render import Page, degrade, rotate_points
 from nanovl.train.synth import EVAL_SEED_START, KINDS, make_doc
-from nanovl.train.trainer import Checkpoints, Stop, export_model, lr_at, plot_losses, truncate_metrics, use_bf16
+from nanovl.train.trainer import (
+    RESUMABLE,
+    Checkpoints,
+    Stop,
+    export_model,
+    lr_at,
+    plot_losses,
+    truncate_metrics,
+    use_bf16,
+)
 
 CHARSET = "".join(chr(c) for c in range(33, 127)) + "£€"  # printable ASCII but the space
 CHAR_ID = {c: i + 1 for i, c in enumerate(CHARSET)}  # 0 = empty slot
@@ -173,8 +182,7 @@ def train_vision(cfg: TrainConfig, restart: bool = False) -> dict:
     start, latest = 0, ckpts.latest()
     if latest is not None:
         saved = json.loads((latest / "trainer.json").read_text())["config"]
-        changed = [k for k in saved if k not in {"steps", "save_every", "keep", "threads", "device"}
-                   and saved[k] != info["config"].get(k)]  # fmt: skip
+        changed = [k for k in saved if k not in RESUMABLE and saved[k] != info["config"].get(k)]
         if changed:
             raise DataError(f"{out} holds a run with another {changed[0]} ({saved[changed[0]]!r}); "
                             "use --restart or another out folder")  # fmt: skip
