@@ -74,6 +74,13 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def adamw(trainable: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms and biases)."""
+    groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]  # fmt: skip
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+
+
 def use_bf16(setting: bool | str, device: torch.device) -> bool:
     """auto: bf16 autocast where bf16 matmuls are fast (GPUs, CPUs with AMX); measured on an AVX-512
     CPU without AMX, bf16 steps were ~1.5x slower than float32 (BENCHMARKS.md)."""
@@ -204,6 +211,19 @@ class Checkpoints:
         os.replace(ptr_tmp, self.dir / "latest")
         for old in sorted(self.dir.glob("step-*[0-9]"))[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
+
+    def resume(self, model: nn.Module, opt: torch.optim.Optimizer, info: dict) -> int:
+        """Load the latest checkpoint, if any, into model and opt; the step to go on from. A checkpoint
+        of a run configured otherwise (beyond RESUMABLE fields) is refused."""
+        latest = self.latest()
+        if latest is None:
+            return 0
+        saved = json.loads((latest / "trainer.json").read_text())["config"]
+        changed = [k for k in saved if k not in RESUMABLE and saved[k] != info["config"].get(k)]
+        if changed:
+            raise DataError(f"{self.dir.parent} holds a run with another {changed[0]} ({saved[changed[0]]!r}); "
+                            "use --restart or another out folder")  # fmt: skip
+        return self.load(latest, model, opt)["step"]
 
     @staticmethod
     def load(path: Path, model: TrainModel, opt: torch.optim.Optimizer) -> dict:
@@ -345,20 +365,9 @@ def train(cfg: TrainConfig, restart: bool = False) -> dict:
     pad_id = tok.token_to_id(tok.special_tokens.get("pad_token") or "") or 0
     model.to(device).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in trainable if p.ndim >= 2]
-    no_decay = [p for p in trainable if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay,
-                            "weight_decay": 0.0}], lr=cfg.lr, betas=tuple(cfg.betas))  # fmt: skip
+    opt = adamw(trainable, cfg)
     info = {"config": config_dict(cfg), "world": world, "samples": len(pool)}
-    start = 0
-    latest = ckpts.latest()
-    if latest is not None:
-        saved = json.loads((latest / "trainer.json").read_text())["config"]
-        changed = [k for k in saved if k not in RESUMABLE and saved[k] != info["config"].get(k)]
-        if changed:
-            raise DataError(f"{out} holds a run with another {changed[0]} ({saved[changed[0]]!r}); "
-                            "use --restart or another out folder")  # fmt: skip
-        start = Checkpoints.load(latest, model, opt)["step"]
+    start = ckpts.resume(model, opt, info)
     ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     metrics = out / "metrics.jsonl"
     bf16 = use_bf16(cfg.bf16, device)

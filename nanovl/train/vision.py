@@ -39,12 +39,13 @@ from nanovl.train.config import TrainConfig, config_dict
 from nanovl.train.render import Page, degrade, rotate_points
 from nanovl.train.synth import EVAL_SEED_START, KINDS, make_doc
 from nanovl.train.trainer import (
-    RESUMABLE,
     Checkpoints,
     Stop,
+    adamw,
     export_model,
     lr_at,
     plot_losses,
+    setup_distributed,
     truncate_metrics,
     use_bf16,
 )
@@ -165,28 +166,17 @@ def train_vision(cfg: TrainConfig, restart: bool = False) -> dict:
     vlm.vision_model.requires_grad_(True)
     torch.manual_seed(cfg.seed)
     model = CharHead(vlm.vision_model, width)
-    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-                          else "cpu")  # fmt: skip
+    _, _, device = setup_distributed(cfg)  # one process (checked above): picks the device
     model.to(device).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in trainable if p.ndim >= 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=tuple(cfg.betas))  # fmt: skip
+    opt = adamw(trainable, cfg)
     out = Path(cfg.out)
     ckpts = Checkpoints(out, cfg.keep)
     if restart:
         shutil.rmtree(ckpts.dir, ignore_errors=True)
         (out / "metrics.jsonl").unlink(missing_ok=True)
     info = {"config": config_dict(cfg), "world": 1, "charset": CHARSET, "slots": SLOTS}
-    start, latest = 0, ckpts.latest()
-    if latest is not None:
-        saved = json.loads((latest / "trainer.json").read_text())["config"]
-        changed = [k for k in saved if k not in RESUMABLE and saved[k] != info["config"].get(k)]
-        if changed:
-            raise DataError(f"{out} holds a run with another {changed[0]} ({saved[changed[0]]!r}); "
-                            "use --restart or another out folder")  # fmt: skip
-        start = Checkpoints.load(latest, model, opt)["step"]
+    start = ckpts.resume(model, opt, info)
     out.mkdir(parents=True, exist_ok=True)
     metrics = out / "metrics.jsonl"
     truncate_metrics(metrics, start)
