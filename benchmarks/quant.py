@@ -4,7 +4,8 @@ FP8 and AWQ int4, in one run.
     python benchmarks/quant.py [--workdir /tmp/nanovl-bench]
 
 The quantized checkpoints are written from the bf16 one by `nanovl quantize` (AWQ with a coarse
-10-point search on 16 calibration lines, to keep the run short). Each variant runs in a fresh
+10-point search on 16 calibration lines, to keep the run short); `+emb` is `--int8-embeddings`
+(the tied 128K-row embedding and lm_head as one int8 matrix instead of bf16 plus a packed copy). Each variant runs in a fresh
 process: load, one forward, then 32 greedy decode steps at batch 1; RSS is the process's resident
 memory after loading over its baseline after imports.
 """
@@ -48,12 +49,14 @@ def main():
     work = Path(args.workdir)
     base = ensure_checkpoint(work)
     variants = {"bf16": base}
-    for name, fn in [("int8", quantize_int8), ("fp8", quantize_fp8), ("awq-int4", quantize_awq)]:
-        out = work / f"llama-1b-{name}"
+    runs = [("int8", quantize_int8, False), ("int8+emb", quantize_int8, True), ("fp8", quantize_fp8, False),
+            ("awq-int4", quantize_awq, False), ("awq+emb", quantize_awq, True)]  # fmt: skip
+    for name, fn, emb in runs:
+        out = work / f"llama-1b-{name.replace('+', '-')}"
         if not (out / "model.safetensors").is_file():
             print(f"quantizing {name} ...", flush=True)
-            kw = {"grid": 10, "samples": 16} if name == "awq-int4" else {}
-            fn(str(base), str(out), **kw)
+            kw = {"grid": 10, "samples": 16} if fn is quantize_awq else {}
+            fn(str(base), str(out), int8_embeddings=emb, **kw)
         variants[name] = out
     print(f"\n{'format':>9} {'RSS GB':>7} {'x bf16':>7} {'decode tok/s':>13} {'x bf16':>7} {'ppl change':>11}")
     ref = None

@@ -53,11 +53,11 @@ def load_text_model(model_dir: str | Path, dtype: str | None = None, pack: bool 
     ckpt = load_config(model_dir)
     cls = text_model_class(ckpt)
     index = checkpoint_index(model_dir)
+    torch_dtype = resolve_dtype(dtype, ckpt.text.dtype)
     with torch.device("meta"):
         model = cls(ckpt.text)
-        quantize_from_checkpoint(model, model_dir, ckpt.raw, index, ckpt.text_prefix)
+        quantize_from_checkpoint(model, model_dir, ckpt.raw, index, ckpt.text_prefix, torch_dtype)
     optional = {"lm_head.weight": None} if ckpt.text.tie_word_embeddings else {}
-    torch_dtype = resolve_dtype(dtype, ckpt.text.dtype)
     load_weights(model, model_dir, ckpt.text_prefix, torch_dtype, optional, index=index)
     model.eval().requires_grad_(False)
     if pack and packing_supported(torch_dtype, model.device):
@@ -80,10 +80,10 @@ def load_vlm(model_dir: str | Path, dtype: str | None = None, pack: bool = False
         if not hasattr(cfg.vision, "align_corners"):
             raise RequestError(f"align_corners applies to RADIO encoders, not to {ckpt.architecture}")
         cfg.vision.align_corners = align_corners
+    torch_dtype = resolve_dtype(dtype, ckpt.text.dtype)
     with torch.device("meta"):
         vlm = cls(cfg)
-        quantize_from_checkpoint(vlm, model_dir, ckpt.raw, index, "")  # the LLM, and the vision side if stored so
-    torch_dtype = resolve_dtype(dtype, ckpt.text.dtype)
+        quantize_from_checkpoint(vlm, model_dir, ckpt.raw, index, "", torch_dtype)  # the LLM, and the vision side
     load_weights(vlm, model_dir, "", torch_dtype, vlm.optional_weights(), cls.unused_weights, index)
     vlm.eval().requires_grad_(False)
     if pack and packing_supported(torch_dtype, vlm.language_model.device):
@@ -117,13 +117,16 @@ def tile_spec(model_dir: str | Path):
     return cls.tile_spec(ckpt.raw, preprocessor_config(model_dir))
 
 
-def quantize_from_checkpoint(model, model_dir, raw: dict, index: dict, prefix: str):
-    """Swap in the quantized Linear modules the checkpoint's files describe (nanovl/quant.py)."""
-    from nanovl.quant import read_quant_config, swap_quantized_linears
+def quantize_from_checkpoint(model, model_dir, raw: dict, index: dict, prefix: str, dtype: torch.dtype):
+    """Swap in the quantized modules the checkpoint's files describe (nanovl/quant.py)."""
+    from nanovl.quant import read_quant_config, swap_quantized_embeddings, swap_quantized_linears
 
     qcfg = read_quant_config(model_dir, raw)
-    if qcfg is not None:
-        swap_quantized_linears(model, qcfg, set(index), prefix)
+    if qcfg is None:
+        return
+    if qcfg["int8_embeddings"]:
+        swap_quantized_embeddings(model, set(index), prefix, dtype)
+    swap_quantized_linears(model, qcfg, set(index), prefix)
 
 
 def preprocessor_config(model_dir: str | Path) -> dict:

@@ -286,7 +286,8 @@ def cmd_eval(args):
 def cmd_quantize(args):
     from nanovl.quantize import quantize_awq, quantize_fp8, quantize_int8
 
-    common = dict(calibration=args.calibration, samples=args.samples, include_vision=args.include_vision)
+    common = dict(calibration=args.calibration, samples=args.samples, include_vision=args.include_vision,
+                  int8_embeddings=args.int8_embeddings)  # fmt: skip
     if args.method == "fp8":
         result = quantize_fp8(args.model, args.out, **common)
     elif args.method == "int8":
@@ -422,6 +423,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--include-vision",
         action="store_true",
         help="also quantize the vision tower (but its patch embedding) and the projector (fp8, int8)",
+    )
+    p.add_argument(
+        "--int8-embeddings",
+        action="store_true",
+        help="also store the token embedding and lm_head as int8 rows (one matrix when tied); "
+        "a nanovl extension other engines do not read",
     )
     p.set_defaults(func=cmd_quantize)
 

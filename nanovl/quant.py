@@ -19,6 +19,9 @@
   - AWQ (AutoAWQ GEMM): `qweight` int32 [in, out/8] and `qzeros` int32 [in/g, out/8], eight 4-bit
     values per word in the order 0, 2, 4, 6, 1, 3, 5, 7; `scales` fp16 [in/g, out];
     w[in, out] = (q - z) * s.
+  - nanovl's own extension (`"nanovl_int8_embeddings": true` in the quantization config, with any of
+    the above): the token embedding `weight` int8 [vocab, hidden] + `weight_scale` fp32 [vocab, 1], and
+    an untied lm_head the same way (INT8 layout); a tied lm_head multiplies by the embedding's matrix.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # position k of a word holds the value of 
 
 
 def read_quant_config(model_dir: str | Path, raw: dict) -> dict | None:
-    """{"algo": "FP8" | "NVFP4" | "AWQ", "group_size": int, "exclude": [patterns]} or None."""
+    """{"algo": "FP8" | "NVFP4" | "AWQ" | "INT8", "group_size": int, "exclude": [patterns],
+    "int8_embeddings": bool} or None."""
     path = Path(model_dir) / "hf_quant_config.json"
     if path.is_file():
         q = json.loads(path.read_text()).get("quantization", {})
@@ -67,7 +71,9 @@ def read_quant_config(model_dir: str | Path, raw: dict) -> dict | None:
         return None
     if algo not in ALGOS:
         raise CheckpointError(f"quantization algorithm {algo!r} is not supported (supported: {', '.join(ALGOS)})")
-    return {"algo": algo, "group_size": group or (16 if algo == "NVFP4" else 128), "exclude": list(exclude)}
+    int8_embeddings = bool(q.get("nanovl_int8_embeddings", False))
+    group = group or (16 if algo == "NVFP4" else 128)
+    return {"algo": algo, "group_size": group, "exclude": list(exclude), "int8_embeddings": int8_embeddings}
 
 
 class FP8Linear(nn.Module):
@@ -151,14 +157,72 @@ class Int8Linear(nn.Module):
         return (self.weight.to(torch.float32) * self.weight_scale).to(dtype)
 
     def forward(self, x):
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).float()
-        scale = (x2.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-8)  # (tokens, 1)
-        xq = torch.round(x2 / scale).clamp(-127, 127).to(torch.int8)
-        y = torch._int_mm(xq, self.weight.t()).float() * scale * self.weight_scale.t()  # (tokens, out)
-        if self.bias is not None:
-            y = y + self.bias.float()
-        return y.to(x.dtype).reshape(*shape[:-1], -1)
+        return int8_linear(x, self.weight, self.weight_scale, self.bias)
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias=None) -> torch.Tensor:
+    """x (..., in) @ (int8 weight (out, in) * weight_scale (out, 1)).T with x quantized per token."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).float()
+    scale = (x2.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-8)  # (tokens, 1)
+    xq = torch.round(x2 / scale).clamp(-127, 127).to(torch.int8)
+    y = torch._int_mm(xq, weight.t()).float() * scale * weight_scale.t()  # (tokens, out)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*shape[:-1], -1)
+
+
+class Int8Embedding(nn.Module):
+    """nanovl's int8 token embedding: rows int8 [vocab, hidden] with one fp32 scale per row; a lookup
+    dequantizes only the rows it reads. When the checkpoint ties the embedding to lm_head, the head
+    (Int8TiedHead) multiplies by the same int8 matrix, so the matrix exists once, at a quarter of fp32."""
+
+    def __init__(self, vocab: int, hidden: int, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype  # of the rows it returns: the model's activation dtype
+        self.register_buffer("weight", torch.empty(vocab, hidden, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.empty(vocab, 1, dtype=torch.float32))
+
+    def forward(self, ids):
+        return (self.weight[ids].float() * self.weight_scale[ids]).to(self.dtype)
+
+
+class Int8TiedHead(nn.Module):
+    """lm_head tied to an Int8Embedding: no tensors of its own (the embedding is held outside the
+    module tree, so the state dict names it once)."""
+
+    def __init__(self, embedding: Int8Embedding):
+        super().__init__()
+        self._embedding = [embedding]
+
+    def forward(self, x):
+        e = self._embedding[0]
+        return int8_linear(x, e.weight, e.weight_scale)
+
+
+def swap_quantized_embeddings(model: nn.Module, keys: set[str], prefix: str, dtype: torch.dtype) -> int:
+    """Swap the token embedding and lm_head for their int8 forms (the `nanovl_int8_embeddings` extension;
+    the tensors say which are stored so). Returns the count of modules swapped."""
+    lm = getattr(model, "language_model", model)  # a VLM's language model sits under language_model
+    prefix += "language_model." if lm is not model else ""
+    n, embedding = 0, None
+    for parent_name, parent in list(lm.named_modules()):
+        for name, child in list(parent.named_children()):
+            full = f"{parent_name}.{name}" if parent_name else name
+            if type(child) is nn.Embedding and f"{prefix}{full}.weight_scale" in keys:
+                embedding = Int8Embedding(child.num_embeddings, child.embedding_dim, dtype)
+                setattr(parent, name, embedding)
+                n += 1
+    if embedding is None:
+        raise CheckpointError("the config says nanovl_int8_embeddings, but no embedding carries weight_scale")
+    head = lm.lm_head
+    if lm.config.tie_word_embeddings:
+        lm.lm_head = Int8TiedHead(embedding)
+    elif f"{prefix}lm_head.weight_scale" in keys:
+        lm.lm_head = Int8Linear(head.in_features, head.out_features, head.bias is not None)
+    else:
+        raise CheckpointError(f"nanovl_int8_embeddings: {prefix}lm_head.weight_scale is missing (untied lm_head)")
+    return n + 1
 
 
 MARKERS = {"FP8": "weight_scale", "NVFP4": "weight_scale", "AWQ": "qweight", "INT8": "weight_scale"}

@@ -1,9 +1,12 @@
 """`nanovl quantize`: write a quantized checkpoint, and report what it costs.
 
-For now: FP8 in ModelOpt's layout (per-tensor `weight_scale` = max|W| / 448, `input_scale` calibrated
-as the largest |activation| seen entering the layer on calibration text / 448), with the
-`hf_quant_config.json` that nanovl and the engines reading ModelOpt checkpoints take. The language
-model's Linear layers are quantized; lm_head, the vision tower and the projector stay as they are.
+- FP8 in ModelOpt's layout (per-tensor `weight_scale` = max|W| / 448, `input_scale` calibrated as the
+  largest |activation| seen entering the layer on calibration text / 448), with `hf_quant_config.json`.
+- int8 in the compressed-tensors W8A8 layout (per-channel weights, dynamic per-token activations).
+- AWQ int4 in AutoAWQ's GEMM layout, with the activation-aware scale search (or plain round-to-nearest).
+The language model's Linear layers are quantized; lm_head, the vision tower and the projector stay as
+they are unless asked (`--include-vision`; `--int8-embeddings`, a nanovl extension other engines do
+not read: the token embedding and lm_head as int8 rows, one matrix when they are tied).
 The report (printed, and written as quant_report.json beside the checkpoint) compares the new
 checkpoint with the original on held-out text: mean and max absolute logit error, perplexity before
 and after.
@@ -115,9 +118,9 @@ def report(original: nn.Module, quantized: nn.Module, token_batches: list[torch.
 
 
 def quantize_int8(model_dir: str, out_dir: str, calibration: str | None = None, samples: int = 64,
-                  include_vision: bool = False) -> dict:  # fmt: skip
+                  include_vision: bool = False, int8_embeddings: bool = False) -> dict:  # fmt: skip
     """int8 per-channel weights, dynamic per-token int8 activations, in the compressed-tensors layout."""
-    return quantize_fp8(model_dir, out_dir, calibration, samples, method="int8", include_vision=include_vision)
+    return quantize_fp8(model_dir, out_dir, calibration, samples, "int8", include_vision, int8_embeddings)
 
 
 def load_source(src: Path):
@@ -152,6 +155,24 @@ def quant_targets(root: nn.Module, is_vlm: bool, include_vision: bool) -> dict[s
     return out
 
 
+def int8_embedding_state(root: nn.Module, is_vlm: bool) -> dict[str, torch.Tensor]:
+    """`--int8-embeddings` (a nanovl extension): the token embedding as int8 rows with a scale per row,
+    and lm_head too when it is untied (a tied one reuses the embedding's int8 matrix at load)."""
+    lm, prefix = (root.language_model, "language_model.") if is_vlm else (root, "")
+    names = [n for n, m in lm.named_modules() if type(m) is nn.Embedding]
+    if len(names) != 1:
+        raise NanovlError(f"--int8-embeddings: expected one token embedding, found {len(names)}")
+    mats = {names[0]: lm.get_submodule(names[0]).weight}
+    if not lm.config.tie_word_embeddings:
+        mats["lm_head"] = lm.lm_head.weight
+    state = {}
+    for name, w in mats.items():
+        scale = (w.detach().abs().amax(1, keepdim=True) / 127).clamp(min=1e-12)
+        state[f"{prefix}{name}.weight"] = torch.round(w.detach() / scale).clamp(-127, 127).to(torch.int8)
+        state[f"{prefix}{name}.weight_scale"] = scale.float()
+    return state
+
+
 def calibration_pixels(vlm, count: int, offset: int = 0) -> torch.Tensor:
     """Tiles of synthetic document pages, tiled as the checkpoint tiles them (vision calibration)."""
     from nanovl.tiling import make_tiles, plan_tiles
@@ -172,7 +193,7 @@ def vision_report(original, quantized, pixels: torch.Tensor) -> dict:
 
 
 def quantize_fp8(model_dir: str, out_dir: str, calibration: str | None = None, samples: int = 64,
-                 method: str = "fp8", include_vision: bool = False) -> dict:  # fmt: skip
+                 method: str = "fp8", include_vision: bool = False, int8_embeddings: bool = False) -> dict:  # fmt: skip
     from safetensors.torch import save_file
 
     from nanovl.api import load_text_model, load_vlm
@@ -213,6 +234,8 @@ def quantize_fp8(model_dir: str, out_dir: str, calibration: str | None = None, s
             state[f"{name}.weight_scale"] = scale.float()
         if module.bias is not None:
             state[f"{name}.bias"] = module.bias.detach()
+    if int8_embeddings:
+        state.update(int8_embedding_state(root, is_vlm))
     replaced = {f"{n}.weight" for n in targets}
     stored = set(checkpoint_index(src))  # the rest as the original stores it (a tied lm_head stays absent)
     dtype = getattr(torch, ckpt.text.dtype, torch.float32)
@@ -224,10 +247,12 @@ def quantize_fp8(model_dir: str, out_dir: str, calibration: str | None = None, s
         if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
             shutil.copy2(f, out / f.name)
     save_file({k: v.contiguous() for k, v in state.items()}, out / "model.safetensors", metadata={"format": "pt"})
-    exclude = [prefix + "lm_head"] + ([] if include_vision or not is_vlm else ["vision_model*", "mlp1*"])
+    exclude = [] if int8_embeddings else [prefix + "lm_head"]
+    exclude += [] if include_vision or not is_vlm else ["vision_model*", "mlp1*"]
+    extension = {"nanovl_int8_embeddings": True} if int8_embeddings else {}
     if method == "fp8":
-        hf_quant = {"producer": {"name": "nanovl"}, "quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": None,
-                                                                    "exclude_modules": exclude}}  # fmt: skip
+        quant = {"quant_algo": "FP8", "kv_cache_quant_algo": None, "exclude_modules": exclude, **extension}
+        hf_quant = {"producer": {"name": "nanovl"}, "quantization": quant}
         (out / "hf_quant_config.json").write_text(json.dumps(hf_quant, indent=2) + "\n")
     else:
         cfg = json.loads((src / "config.json").read_text())
@@ -236,13 +261,14 @@ def quantize_fp8(model_dir: str, out_dir: str, calibration: str | None = None, s
                   "input_activations": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token",
                                         "dynamic": True}}  # fmt: skip
         cfg["quantization_config"] = {"quant_method": "compressed-tensors", "format": "int-quantized",
-                                      "config_groups": {"group_0": scheme}, "ignore": exclude}  # fmt: skip
+                                      "config_groups": {"group_0": scheme}, "ignore": exclude, **extension}  # fmt: skip
         (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
     quantized = load_vlm(out, dtype="float32")[0] if is_vlm else load_text_model(out, dtype="float32")[0]
     qlm = quantized.language_model if is_vlm else quantized
     result = {"method": method, "calibration_samples": len(calib), "quantized_layers": len(targets),
-              "include_vision": include_vision, **report(lm, qlm, batches(held))}  # fmt: skip
+              "include_vision": include_vision, "int8_embeddings": int8_embeddings,
+              **report(lm, qlm, batches(held))}  # fmt: skip
     if is_vlm:
         result.update(vision_report(root, quantized, calibration_pixels(root, 2, offset=EVAL_OFFSET)))
     (out / "quant_report.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -344,7 +370,8 @@ def awq_tensors(w: torch.Tensor, group: int) -> dict[str, torch.Tensor]:
 
 
 def quantize_awq(model_dir: str, out_dir: str, calibration: str | None = None, samples: int = 64, group: int = 128,
-                 search: bool = True, grid: int = 20, include_vision: bool = False) -> dict:  # fmt: skip
+                 search: bool = True, grid: int = 20, include_vision: bool = False,
+                 int8_embeddings: bool = False) -> dict:  # fmt: skip
     """AWQ int4 in AutoAWQ's GEMM layout; search=False gives plain round-to-nearest (the baseline).
     Of a vision-language checkpoint, the language model is quantized (the 8B's edge recipe)."""
     from safetensors.torch import save_file
@@ -374,9 +401,11 @@ def quantize_awq(model_dir: str, out_dir: str, calibration: str | None = None, s
             for lin in group_linears:
                 lin.weight.data.mul_(s)
             fold(s)
-    state = {}
+    state = int8_embedding_state(root, is_vlm) if int8_embeddings else {}
     for name, t in root.state_dict().items():
         base = name.rsplit(".", 1)[0]
+        if name in state:
+            continue
         if base in linears and name.endswith(".weight"):
             state.update({f"{base}.{k}": v for k, v in awq_tensors(t, group).items()})
         elif name in set(checkpoint_index(src)):
@@ -389,6 +418,8 @@ def quantize_awq(model_dir: str, out_dir: str, calibration: str | None = None, s
     keep = ["lm_head", "vision_model", "mlp1"] if is_vlm else ["lm_head"]  # AutoAWQ: name substrings
     cfg["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True,
                                   "version": "gemm", "modules_to_not_convert": keep}  # fmt: skip
+    if int8_embeddings:
+        cfg["quantization_config"]["nanovl_int8_embeddings"] = True
     if is_vlm:
         cfg["llm_config"] = {**cfg.get("llm_config", {}), "torch_dtype": "float16"}
     cfg["torch_dtype"] = "float16"
@@ -397,7 +428,8 @@ def quantize_awq(model_dir: str, out_dir: str, calibration: str | None = None, s
     quantized = load_vlm(out, dtype="float32")[0] if is_vlm else load_text_model(out, dtype="float32")[0]
     qlm = quantized.language_model if is_vlm else quantized
     result = {"method": "awq" if search else "rtn", "group_size": group, "calibration_samples": len(calib),
-              "quantized_layers": len(linears), **report(original, qlm, batches(held))}  # fmt: skip
+              "quantized_layers": len(linears), "int8_embeddings": int8_embeddings,
+              **report(original, qlm, batches(held))}  # fmt: skip
     if is_vlm:
         result.update(vision_report(original_root, quantized, calibration_pixels(original_root, 2, EVAL_OFFSET)))
     (out / "quant_report.json").write_text(json.dumps(result, indent=2) + "\n")

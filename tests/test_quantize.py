@@ -143,3 +143,67 @@ def test_awq_on_a_vlm_quantizes_the_language_model(tiny_vlm, tmp_path):
     from PIL import Image
 
     assert isinstance(m.ask(Image.new("RGB", (90, 60), "white"), "What is this?", max_new_tokens=3).text, str)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_int8_embeddings(tiny_llama, tmp_path, tied):
+    """--int8-embeddings: the embedding (and an untied lm_head) as int8 rows; a tied head reuses the
+    embedding's one int8 matrix. Checked against the original float weights, row by row."""
+    from nanovl.quant import Int8Embedding, Int8Linear, Int8TiedHead
+    from nanovl.tiny import write_checkpoint
+
+    src = tiny_llama
+    if tied:
+        src = write_checkpoint("llama", tmp_path / "tied", size={"tie_word_embeddings": True}, seed=7)
+    out = tmp_path / "q"
+    args = ["quantize", "--model", str(src), "--method", "int8", "--out", str(out), "--int8-embeddings"]
+    assert main(args) == 0
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["nanovl_int8_embeddings"] is True and "lm_head" not in cfg["ignore"]
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.embed_tokens.weight").dtype == torch.int8
+        assert ("lm_head.weight" in f.keys()) is not tied
+    original, _ = load_text_model(src, dtype="float32")
+    model, _ = load_text_model(out, dtype="bfloat16")
+    assert isinstance(model.model.embed_tokens, Int8Embedding) and model.dtype == torch.bfloat16
+    assert isinstance(model.lm_head, Int8TiedHead if tied else Int8Linear)
+    if tied:
+        assert not any("lm_head" in k for k in model.state_dict())  # the matrix is stored once
+    ids = torch.tensor([[3, 17, 200, 5]])
+    ref = original.model.embed_tokens.weight[ids[0]]
+    got = model.model.embed_tokens(ids)[0]
+    assert got.dtype == torch.bfloat16
+    # int8 rows: error within half a step (row max / 127 / 2), plus bf16 rounding of the output
+    step = ref.abs().amax(1, keepdim=True) / 127
+    assert ((got.float() - ref).abs() <= step / 2 + ref.abs() / 128 + 1e-6).all()
+    head = original.lm_head.weight
+    x = torch.randn(2, head.shape[1])
+    want = x @ head.t()
+    with torch.no_grad():
+        assert (model.lm_head(x).float() - want).abs().max() <= 0.03 * want.abs().max()
+    report = json.loads((out / "quant_report.json").read_text())
+    assert report["int8_embeddings"] and abs(report["perplexity_change_percent"]) < 2
+
+
+def test_int8_embeddings_flag_without_tensors_is_refused(tiny_llama, tmp_path):
+    from nanovl.errors import CheckpointError
+    from nanovl.quantize import quantize_int8
+
+    quantize_int8(str(tiny_llama), str(tmp_path / "q"))
+    cfg_path = tmp_path / "q" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["quantization_config"]["nanovl_int8_embeddings"] = True
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="no embedding carries weight_scale"):
+        load_text_model(tmp_path / "q")
+
+
+def test_awq_with_int8_embeddings_loads(tiny_llama, tmp_path):
+    from nanovl.quant import AWQLinear, Int8Embedding
+    from nanovl.quantize import quantize_awq
+
+    report = quantize_awq(str(tiny_llama), str(tmp_path / "q"), group=32, grid=4, int8_embeddings=True)
+    assert report["int8_embeddings"] and abs(report["perplexity_change_percent"]) < 5
+    model, _ = load_text_model(tmp_path / "q")
+    assert isinstance(model.model.embed_tokens, Int8Embedding)
+    assert isinstance(model.model.layers[0].mlp.up_proj, AWQLinear)

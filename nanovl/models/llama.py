@@ -62,7 +62,7 @@ class LlamaForCausalLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        return self.model.norm.weight.dtype  # not the embedding's: that one may be int8
 
     @property
     def device(self) -> torch.device:

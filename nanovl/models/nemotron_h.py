@@ -253,7 +253,7 @@ class NemotronHForCausalLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.backbone.embeddings.weight.dtype
+        return self.backbone.norm_f.weight.dtype  # not the embedding's: that one may be int8
 
     @property
     def device(self) -> torch.device:
