@@ -5,9 +5,10 @@ FP8 and AWQ int4, in one run.
 
 The quantized checkpoints are written from the bf16 one by `nanovl quantize` (AWQ with a coarse
 10-point search on 16 calibration lines, to keep the run short); `+emb` is `--int8-embeddings`
-(the tied 128K-row embedding and lm_head as one int8 matrix instead of bf16 plus a packed copy). Each variant runs in a fresh
-process: load, one forward, then 32 greedy decode steps at batch 1; RSS is the process's resident
-memory after loading over its baseline after imports.
+(the tied 128K-row embedding and lm_head as one int8 matrix instead of bf16 plus a packed copy).
+Each variant runs in a fresh process: load (as every inference load does: bf16 prepacked, AWQ onto
+PyTorch's CPU int4 kernel), one forward, then 32 greedy decode steps at batch 1; RSS is the
+process's resident memory after loading over its baseline after imports.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from nanovl.engine.embed_store import EmbedStore
 from nanovl.errors import CheckpointError, RequestError
 from nanovl.media import DEFAULT_DPI, MAX_PIXELS, Video, is_video, load_document, load_video
 from nanovl.models import text_model_class
-from nanovl.models.packed import pack_linears, packing_supported
+from nanovl.models.packed import pack_linears, packing_supported, trim_heap
 from nanovl.models.vlm import VLMS, merge_embeddings
 from nanovl.prompts import expand_media, media_question, video_text
 from nanovl.tiling import TilePlan, make_tiles, plan_tiles
@@ -48,7 +48,8 @@ def resolve_dtype(name: str | None, checkpoint_dtype: str) -> torch.dtype:
 def load_text_model(model_dir: str | Path, dtype: str | None = None, pack: bool = False):
     """Build the language model of a checkpoint on `meta` and fill it from its safetensors.
 
-    pack: swap bf16 Linear layers for oneDNN-prepacked ones (CPU inference only; models/packed.py).
+    pack: CPU inference swaps (fast_cpu_modules): bf16 Linear layers prepacked for oneDNN, AWQ layers
+    onto PyTorch's int4 kernel. The model is then for inference only.
     """
     ckpt = load_config(model_dir)
     cls = text_model_class(ckpt)
@@ -60,8 +61,8 @@ def load_text_model(model_dir: str | Path, dtype: str | None = None, pack: bool 
     optional = {"lm_head.weight": None} if ckpt.text.tie_word_embeddings else {}
     load_weights(model, model_dir, ckpt.text_prefix, torch_dtype, optional, index=index)
     model.eval().requires_grad_(False)
-    if pack and packing_supported(torch_dtype, model.device):
-        pack_linears(model)
+    if pack:
+        fast_cpu_modules(model, torch_dtype)
     return model, ckpt
 
 
@@ -86,9 +87,22 @@ def load_vlm(model_dir: str | Path, dtype: str | None = None, pack: bool = False
         quantize_from_checkpoint(vlm, model_dir, ckpt.raw, index, "", torch_dtype)  # the LLM, and the vision side
     load_weights(vlm, model_dir, "", torch_dtype, vlm.optional_weights(), cls.unused_weights, index)
     vlm.eval().requires_grad_(False)
-    if pack and packing_supported(torch_dtype, vlm.language_model.device):
-        pack_linears(vlm.language_model)
+    if pack:
+        fast_cpu_modules(vlm.language_model, torch_dtype)
     return vlm, ckpt
+
+
+def fast_cpu_modules(model, dtype: torch.dtype) -> None:
+    """Inference-only swaps for CPU speed: AWQ int4 layers onto PyTorch's int4 kernel, bf16 Linear
+    layers prepacked for oneDNN (models/packed.py)."""
+    from nanovl.quant import repack_int4
+
+    if model.device.type != "cpu":
+        return
+    repack_int4(model, dtype)
+    if packing_supported(dtype, model.device):
+        pack_linears(model)
+    trim_heap()
 
 
 def load_radio(model_dir: str | Path, prefix: str = "radio_model.", dtype: str = "float32", **overrides):

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanovl.errors import CheckpointError
+from nanovl.models.packed import release_pages
 
 ALGOS = ("FP8", "NVFP4", "AWQ", "INT8")
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
@@ -141,6 +142,48 @@ class AWQLinear(nn.Module):
 
     def forward(self, x):
         return F.linear(x, self.dequantized(x.dtype), self.bias)
+
+
+class Int4PackedLinear(nn.Module):
+    """An AWQLinear repacked once at load for PyTorch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`,
+    the one gpt-fast and torchao use): still 4 bits per weight plus a scale and zero per group, and a
+    product that never builds the dequantized matrix. Inference only; `repack_int4` does the swap."""
+
+    def __init__(self, awq: AWQLinear, dtype: torch.dtype):
+        super().__init__()
+        self.in_features, self.group = awq.qweight.shape[0], awq.group
+        q = AWQLinear.unpack(awq.qweight).t().to(torch.int32).contiguous()  # (out, in) codes 0..15
+        z = AWQLinear.unpack(awq.qzeros).to(torch.float32)  # (in/g, out)
+        s = awq.scales.to(torch.float32)
+        self.out_features = q.shape[0]
+        self.packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)  # (out, in/2) uint8
+        # the kernel computes w = (q - 8) * scale + zero; AWQ's w = (q - z) * s gives zero = (8 - z) * s
+        self.scales_zeros = torch.stack([s, (8 - z) * s], dim=-1).to(dtype)  # (in/g, out, 2)
+        self.bias = None if awq.bias is None else awq.bias.detach().to(dtype)
+        for t in (awq.qweight, awq.qzeros, awq.scales):  # a memory-mapped load would keep them resident
+            release_pages(t)
+
+    def forward(self, x):
+        shape, dtype = x.shape, self.scales_zeros.dtype
+        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(dtype), self.packed, self.group,
+                                              self.scales_zeros)  # fmt: skip
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).reshape(*shape[:-1], -1)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, group={self.group}"
+
+
+def repack_int4(model: nn.Module, dtype: torch.dtype) -> int:
+    """Swap every AWQLinear of a CPU model for an Int4PackedLinear, in place. Returns the count."""
+    n = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is AWQLinear and child.qweight.device.type == "cpu":
+                setattr(parent, name, Int4PackedLinear(child, dtype))
+                n += 1
+    return n
 
 
 class Int8Linear(nn.Module):

@@ -118,6 +118,24 @@ def test_quantized_checkpoint_matches_dequantized_reference(tiny_llama, tmp_path
         assert (ours(ids) - ref(ids).logits).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("dtype, tol", [("float32", 1e-4), ("bfloat16", 0.05)])
+def test_awq_on_the_cpu_int4_kernel_matches_dequantized_reference(tiny_llama, tmp_path, dtype, tol):
+    """pack=True (every inference load) repacks AWQ layers for PyTorch's CPU int4 kernel; the logits
+    still match transformers on the independently dequantized weights (bf16: within its rounding)."""
+    from nanovl.quant import Int4PackedLinear
+
+    ref_dir = make_quantized(tiny_llama, tmp_path / "AWQ", "AWQ")
+    ours, _ = load_text_model(tmp_path / "AWQ", dtype=dtype, pack=True)
+    layer = ours.model.layers[0].mlp.down_proj
+    assert isinstance(layer, Int4PackedLinear) and layer.packed.dtype == torch.uint8
+    assert layer.packed.numel() == layer.in_features * layer.out_features // 2  # still 4 bits a weight
+    ref = LlamaForCausalLM.from_pretrained(ref_dir).eval()
+    ids = torch.randint(0, ours.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = ref(ids).logits
+        assert (ours(ids).float() - want).abs().max().item() < tol * max(1.0, want.abs().max().item())
+
+
 def test_bad_quantized_checkpoints(tiny_llama, tmp_path):
     make_quantized(tiny_llama, tmp_path / "q", "FP8")
     (tmp_path / "q" / "hf_quant_config.json").write_text(json.dumps({"quantization": {"quant_algo": "INT3"}}))

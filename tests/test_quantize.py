@@ -130,15 +130,15 @@ def test_vlm_quantization_with_and_without_the_vision_tower(tiny_vlm, tmp_path, 
 
 def test_awq_on_a_vlm_quantizes_the_language_model(tiny_vlm, tmp_path):
     import nanovl
-    from nanovl.quant import AWQLinear
+    from nanovl.quant import Int4PackedLinear
     from nanovl.quantize import quantize_awq
 
     with pytest.raises(NanovlError, match="fp8 or int8"):
         quantize_awq(str(tiny_vlm), str(tmp_path / "x"), group=32, include_vision=True)
     report = quantize_awq(str(tiny_vlm), str(tmp_path / "awq"), samples=8, group=32)
     assert abs(report["perplexity_change_percent"]) < 5 and report["image_embedding_rel_error"] < 0.01
-    m = nanovl.load(tmp_path / "awq")
-    assert isinstance(m.vlm.language_model.model.layers[1].mlp.down_proj, AWQLinear)
+    m = nanovl.load(tmp_path / "awq")  # an inference load: AWQ layers go onto the CPU int4 kernel
+    assert isinstance(m.vlm.language_model.model.layers[1].mlp.down_proj, Int4PackedLinear)
     assert type(m.vlm.mlp1[1]) is torch.nn.Linear
     from PIL import Image
 

@@ -35,6 +35,14 @@ def release_pages(t: torch.Tensor) -> None:
         libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_PAGEOUT)
 
 
+def trim_heap() -> None:
+    """Give the C heap's free memory back to the system (glibc's malloc_trim): repacking at load frees
+    many large temporaries that would otherwise stay in this process's resident memory."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
 @functools.cache
 def _libc():
     try:
