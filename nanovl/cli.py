@@ -286,6 +286,14 @@ def cmd_eval(args):
 def cmd_quantize(args):
     from nanovl.quantize import quantize_awq, quantize_fp8, quantize_int8
 
+    if args.eval:  # checked before the work, not after it
+        from nanovl.config import load_config
+        from nanovl.models.vlm import VLMS
+
+        if load_config(args.model).architecture not in VLMS:
+            raise NanovlError("--eval scores a vision-language checkpoint; this one is text-only")
+        if not Path(args.eval).is_file():
+            raise NanovlError(f"{args.eval}: evaluation file not found (eval.jsonl from `nanovl synth --split eval`)")
     common = dict(calibration=args.calibration, samples=args.samples, include_vision=args.include_vision,
                   int8_embeddings=args.int8_embeddings)  # fmt: skip
     if args.method == "fp8":
@@ -303,6 +311,14 @@ def cmd_quantize(args):
             f"  held-out page tiles {result['held_out_tiles']}: image-embedding relative error "
             f"{result['image_embedding_rel_error']:.4f}"
         )
+    if args.eval:
+        from nanovl.quantize import score_change
+
+        change = score_change(args.model, args.out, args.eval, args.eval_max_tokens)
+        print(f"  held-out synthdocs, {change['eval_items']} items: original -> quantized (change)")
+        for name, m in change["eval"].items():
+            k = 1 if name == "score" else 100  # rates as points, like the overall score
+            print(f"    {name}: {m['original'] * k:.2f} -> {m['quantized'] * k:.2f} ({m['change'] * k:+.2f})")
 
 
 def cmd_make_tiny(args):
@@ -430,6 +446,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="also store the token embedding and lm_head as int8 rows (one matrix when tied); "
         "a nanovl extension other engines do not read",
     )
+    p.add_argument(
+        "--eval",
+        metavar="FILE",
+        help="held-out synthdocs file (eval.jsonl of `nanovl synth --split eval`): score the original and "
+        "the quantized vision-language checkpoint on it and report the change",
+    )
+    p.add_argument("--eval-max-tokens", type=int, default=64, help="answer length for --eval (default 64)")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("make-tiny", help="write a tiny random checkpoint in the HF layout (tests, benchmarks)")

@@ -275,6 +275,31 @@ def quantize_fp8(model_dir: str, out_dir: str, calibration: str | None = None, s
     return result
 
 
+def score_change(original_dir: str, quantized_dir: str, data: str, max_tokens: int = 64) -> dict:
+    """Score the original and the quantized vision-language checkpoint on a held-out synthdocs file
+    (`nanovl synth --split eval`), greedy, with the evaluation harness; predictions go to
+    quantized_dir/quant_eval/{original,quantized}/ (a rerun resumes them). Returns each metric's
+    two values and their change, and updates quant_report.json."""
+    from nanovl.eval.datasets import load
+    from nanovl.eval.runner import LocalBackend, run
+
+    if not Path(data).is_file():
+        raise NanovlError(f"{data}: evaluation file not found (eval.jsonl from `nanovl synth --split eval`)")
+    items = load("synthdocs", data)
+    summaries = {}
+    for key, folder in (("original", original_dir), ("quantized", quantized_dir)):
+        where = Path(quantized_dir) / "quant_eval" / key
+        summaries[key] = run("synthdocs", items, LocalBackend(str(folder)), where, max_tokens=max_tokens)
+    a, b = summaries["original"], summaries["quantized"]
+    metrics = {k: {"original": a[k], "quantized": b[k], "change": b[k] - a[k]}
+               for k, v in a.items() if isinstance(v, float) and isinstance(b.get(k), float)}  # fmt: skip
+    result = {"eval_items": len(items), "eval_failed": a["failed"] + b["failed"], "eval": metrics}
+    path = Path(quantized_dir) / "quant_report.json"
+    report = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps({**report, **result}, indent=2) + "\n")
+    return result
+
+
 # --- AWQ int4 --------------------------------------------------------------------------------------
 
 

@@ -207,3 +207,34 @@ def test_awq_with_int8_embeddings_loads(tiny_llama, tmp_path):
     model, _ = load_text_model(tmp_path / "q")
     assert isinstance(model.model.embed_tokens, Int8Embedding)
     assert isinstance(model.model.layers[0].mlp.up_proj, AWQLinear)
+
+
+def test_quantize_reports_the_score_change(tiny_vlm, tmp_path, capsys):
+    """--eval: the original and the quantized VLM answer a held-out synthdocs set; the report gives
+    both scores and the change, and each side's predictions are kept for every item."""
+    from nanovl.train.records import write_dataset
+
+    write_dataset(tmp_path / "ev", 1, ["receipt", "bar_chart"], split="eval")
+    data = tmp_path / "ev" / "eval.jsonl"
+    n = len(data.read_text().splitlines())
+    out = tmp_path / "q"
+    args = ["quantize", "--model", str(tiny_vlm), "--method", "int8", "--out", str(out), "--samples", "4",
+            "--eval", str(data), "--eval-max-tokens", "4"]  # fmt: skip
+    assert main(args) == 0
+    assert "score:" in capsys.readouterr().out
+    report = json.loads((out / "quant_report.json").read_text())
+    assert report["eval_items"] == n and report["eval_failed"] == 0 and "perplexity_quantized" in report
+    for m in report["eval"].values():
+        assert m["change"] == pytest.approx(m["quantized"] - m["original"])
+    assert {"score", "cer_transcription"} <= set(report["eval"])
+    for side in ("original", "quantized"):
+        preds = (out / "quant_eval" / side / "predictions.jsonl").read_text().splitlines()
+        assert len(preds) == n and all("prediction" in json.loads(x) for x in preds)
+
+
+def test_quantize_eval_needs_a_vlm_and_a_file(tiny_llama, tiny_vlm, tmp_path, capsys):
+    args = ["quantize", "--method", "int8", "--eval", str(tmp_path / "none.jsonl")]
+    assert main([*args, "--model", str(tiny_llama), "--out", str(tmp_path / "a")]) == 1
+    assert "text-only" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    assert main([*args, "--model", str(tiny_vlm), "--out", str(tmp_path / "b")]) == 1
+    assert "not found" in capsys.readouterr().err and not (tmp_path / "b").exists()
