@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -176,13 +177,21 @@ class Int4PackedLinear(nn.Module):
 
 
 def repack_int4(model: nn.Module, dtype: torch.dtype) -> int:
-    """Swap every AWQLinear of a CPU model for an Int4PackedLinear, in place. Returns the count."""
-    n = 0
-    for parent in list(model.modules()):
+    """Swap every AWQLinear of a CPU model for an Int4PackedLinear, in place. Returns the count. The
+    kernel wants out_features divisible by 16 (AWQ only needs 8): other layers keep the slow path."""
+    n, kept = 0, []
+    for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is AWQLinear and child.qweight.device.type == "cpu":
-                setattr(parent, name, Int4PackedLinear(child, dtype))
-                n += 1
+            if type(child) is not AWQLinear or child.qweight.device.type != "cpu":
+                continue
+            if child.scales.shape[1] % 16:
+                kept.append(f"{parent_name}.{name}" if parent_name else name)
+                continue
+            setattr(parent, name, Int4PackedLinear(child, dtype))
+            n += 1
+    if kept:
+        warnings.warn(f"{len(kept)} AWQ layers (e.g. {kept[0]}) have out_features not divisible by 16: "
+                      "they dequantize at every forward, much slower", stacklevel=2)  # fmt: skip
     return n
 
 

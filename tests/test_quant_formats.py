@@ -136,6 +136,26 @@ def test_awq_on_the_cpu_int4_kernel_matches_dequantized_reference(tiny_llama, tm
         assert (ours(ids).float() - want).abs().max().item() < tol * max(1.0, want.abs().max().item())
 
 
+def test_int4_kernel_shape_limit_keeps_the_slow_path():
+    """The CPU int4 kernel needs out_features % 16 == 0; an AWQ layer with 8 | out only stays on the
+    dequantizing path, with a warning, and both paths agree where both apply."""
+    from nanovl.quant import Int4PackedLinear, repack_int4
+
+    model = torch.nn.Sequential(AWQLinear(64, 40, False, 32), AWQLinear(64, 32, False, 32))
+    for layer in model:
+        tensors, _ = quantize_awq(torch.randn(layer.scales.shape[1], 64), group=32)
+        for k, v in tensors.items():
+            setattr(layer, k, v)
+    slow = AWQLinear(64, 32, False, 32)
+    slow.load_state_dict(model[1].state_dict())
+    with pytest.warns(UserWarning, match="1 AWQ layers .e.g. 0."):
+        assert repack_int4(model, torch.float32) == 1
+    assert type(model[0]) is AWQLinear and isinstance(model[1], Int4PackedLinear)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        assert (model[1](x) - slow(x)).abs().max() < 1e-4
+
+
 def test_bad_quantized_checkpoints(tiny_llama, tmp_path):
     make_quantized(tiny_llama, tmp_path / "q", "FP8")
     (tmp_path / "q" / "hf_quant_config.json").write_text(json.dumps({"quantization": {"quant_algo": "INT3"}}))
