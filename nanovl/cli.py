@@ -284,16 +284,10 @@ def cmd_eval(args):
 
 
 def cmd_quantize(args):
-    from nanovl.quantize import quantize_awq, quantize_fp8, quantize_int8
+    from nanovl.quantize import check_eval, quantize_awq, quantize_fp8, quantize_int8, score_change
 
-    if args.eval:  # checked before the work, not after it
-        from nanovl.config import load_config
-        from nanovl.models.vlm import VLMS
-
-        if load_config(args.model).architecture not in VLMS:
-            raise NanovlError("--eval scores a vision-language checkpoint; this one is text-only")
-        if not Path(args.eval).is_file():
-            raise NanovlError(f"{args.eval}: evaluation file not found (eval.jsonl from `nanovl synth --split eval`)")
+    if args.eval:
+        check_eval(args.model, args.eval)  # before the work, not after it
     common = dict(calibration=args.calibration, samples=args.samples, include_vision=args.include_vision,
                   int8_embeddings=args.int8_embeddings)  # fmt: skip
     if args.method == "fp8":
@@ -312,8 +306,6 @@ def cmd_quantize(args):
             f"{result['image_embedding_rel_error']:.4f}"
         )
     if args.eval:
-        from nanovl.quantize import score_change
-
         change = score_change(args.model, args.out, args.eval, args.eval_max_tokens)
         print(f"  held-out synthdocs, {change['eval_items']} items: original -> quantized (change)")
         for name, m in change["eval"].items():

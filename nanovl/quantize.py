@@ -167,10 +167,14 @@ def int8_embedding_state(root: nn.Module, is_vlm: bool) -> dict[str, torch.Tenso
         mats["lm_head"] = lm.lm_head.weight
     state = {}
     for name, w in mats.items():
-        scale = (w.detach().abs().amax(1, keepdim=True) / 127).clamp(min=1e-12)
-        state[f"{prefix}{name}.weight"] = torch.round(w.detach() / scale).clamp(-127, 127).to(torch.int8)
-        state[f"{prefix}{name}.weight_scale"] = scale.float()
+        state[f"{prefix}{name}.weight"], state[f"{prefix}{name}.weight_scale"] = int8_rows(w.detach())
     return state
+
+
+def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row of a (rows, cols) matrix: codes int8 and scales fp32 (rows, 1)."""
+    scale = (w.abs().amax(1, keepdim=True) / 127).clamp(min=1e-12)
+    return torch.round(w / scale).clamp(-127, 127).to(torch.int8), scale.float()
 
 
 def calibration_pixels(vlm, count: int, offset: int = 0) -> torch.Tensor:
@@ -228,10 +232,8 @@ def quantize_fp8(model_dir: str, out_dir: str, calibration: str | None = None, s
             state[f"{name}.weight"] = (w / scale).to(torch.float8_e4m3fn)
             state[f"{name}.weight_scale"] = scale.reshape(())
             state[f"{name}.input_scale"] = torch.tensor(max(absmax.get(name, 0.0), 1e-12) / FP8_MAX)
-        else:  # int8, symmetric per output channel
-            scale = (w.abs().amax(1, keepdim=True) / 127).clamp(min=1e-12)
-            state[f"{name}.weight"] = torch.round(w / scale).clamp(-127, 127).to(torch.int8)
-            state[f"{name}.weight_scale"] = scale.float()
+        else:
+            state[f"{name}.weight"], state[f"{name}.weight_scale"] = int8_rows(w)
         if module.bias is not None:
             state[f"{name}.bias"] = module.bias.detach()
     if int8_embeddings:
@@ -275,6 +277,17 @@ def quantize_fp8(model_dir: str, out_dir: str, calibration: str | None = None, s
     return result
 
 
+def check_eval(model_dir: str, data: str) -> None:
+    """What `--eval` needs, checked before any work: a vision-language checkpoint and the file."""
+    from nanovl.config import load_config
+    from nanovl.models.vlm import VLMS
+
+    if load_config(model_dir).architecture not in VLMS:
+        raise NanovlError("--eval scores a vision-language checkpoint; this one is text-only")
+    if not Path(data).is_file():
+        raise NanovlError(f"{data}: evaluation file not found (eval.jsonl from `nanovl synth --split eval`)")
+
+
 def score_change(original_dir: str, quantized_dir: str, data: str, max_tokens: int = 64) -> dict:
     """Score the original and the quantized vision-language checkpoint on a held-out synthdocs file
     (`nanovl synth --split eval`), greedy, with the evaluation harness; predictions go to
@@ -283,8 +296,7 @@ def score_change(original_dir: str, quantized_dir: str, data: str, max_tokens: i
     from nanovl.eval.datasets import load
     from nanovl.eval.runner import LocalBackend, run
 
-    if not Path(data).is_file():
-        raise NanovlError(f"{data}: evaluation file not found (eval.jsonl from `nanovl synth --split eval`)")
+    check_eval(original_dir, data)
     items = load("synthdocs", data)
     summaries = {}
     for key, folder in (("original", original_dir), ("quantized", quantized_dir)):
@@ -427,13 +439,14 @@ def quantize_awq(model_dir: str, out_dir: str, calibration: str | None = None, s
                 lin.weight.data.mul_(s)
             fold(s)
     state = int8_embedding_state(root, is_vlm) if int8_embeddings else {}
+    stored = set(checkpoint_index(src))  # the rest as the original stores it
     for name, t in root.state_dict().items():
         base = name.rsplit(".", 1)[0]
         if name in state:
             continue
         if base in linears and name.endswith(".weight"):
             state.update({f"{base}.{k}": v for k, v in awq_tensors(t, group).items()})
-        elif name in set(checkpoint_index(src)):
+        elif name in stored:
             state[name] = t.detach().to(torch.float16 if t.is_floating_point() else t.dtype).contiguous()
     out.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
