@@ -64,16 +64,44 @@ def test_quantize_refuses_bad_input(tiny_llama, tmp_path, capsys):
         main(["quantize", "--model", str(tiny_llama), "--method", "int4", "--out", str(tmp_path / "b")])
 
 
+def with_salient_channels(model_dir, out, factor: float = 8.0):
+    """The same function with every 16th input channel of the norm-fed layers `factor` times larger
+    and its weight columns `factor` times smaller: the activation outliers of trained LLMs, which
+    round-to-nearest quantizes badly and AWQ's search exists for."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, out)
+    state = load_file(out / "model.safetensors")
+    cfg = json.loads((out / "config.json").read_text())
+    idx = torch.arange(0, cfg["hidden_size"], 16)
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        for norm, linears in (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                              ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))):  # fmt: skip
+            state[f"{p}{norm}.weight"][idx] *= factor
+            for name in linears:
+                state[f"{p}{name}.weight"][:, idx] /= factor
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
 def test_awq_beats_round_to_nearest_and_round_trips(trained_llama, tmp_path):
     from nanovl.quant import AWQLinear
     from nanovl.quantize import quantize_awq
 
     model_dir, calibration = trained_llama
+    salient = with_salient_channels(model_dir, tmp_path / "salient")
     for group in (32, 64):
-        awq = quantize_awq(str(model_dir), str(tmp_path / f"awq{group}"), str(calibration), 64, group)
-        rtn = quantize_awq(str(model_dir), str(tmp_path / f"rtn{group}"), str(calibration), 64, group, search=False)
-        # same group size, same held-out lines: the activation-aware scales lose less perplexity
-        assert awq["perplexity_quantized"] < rtn["perplexity_quantized"], (group, awq, rtn)
+        awq = quantize_awq(str(salient), str(tmp_path / f"awq{group}"), str(calibration), 64, group)
+        rtn = quantize_awq(str(salient), str(tmp_path / f"rtn{group}"), str(calibration), 64, group, search=False)
+        assert awq["perplexity_original"] == pytest.approx(rtn["perplexity_original"])
+        # same group size, same held-out lines: the activation-aware scales stay clearly closer to the
+        # original's logits (measured: 0.052 vs 0.096 at group 32, 0.068 vs 0.109 at 64). Perplexity
+        # is no judge at this size: both move it by under 0.5 %, either way (RTN even lowers it).
+        assert awq["logit_abs_error_mean"] < 0.8 * rtn["logit_abs_error_mean"], (group, awq, rtn)
+        assert abs(awq["perplexity_change_percent"]) < 2
     model, _ = load_text_model(tmp_path / "awq32", dtype="float32")
     assert isinstance(model.model.layers[0].mlp.down_proj, AWQLinear)
     cfg = json.loads((tmp_path / "awq32" / "config.json").read_text())["quantization_config"]
