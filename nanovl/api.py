@@ -24,12 +24,12 @@ from nanovl.config import TextConfig, load_config, read_json
 from nanovl.engine import Completion, SamplingParams, generate, stream
 from nanovl.engine.embed_store import EmbedStore
 from nanovl.errors import CheckpointError, RequestError
-from nanovl.media import DEFAULT_DPI, MAX_PIXELS, Video, is_video, load_document, load_video
+from nanovl.media import DEFAULT_DPI, MAX_PIXELS, Page, Video, is_video, load_video, scan_document
 from nanovl.models import text_model_class
 from nanovl.models.packed import pack_linears, packing_supported, trim_heap
 from nanovl.models.vlm import VLMS, merge_embeddings
 from nanovl.prompts import expand_media, media_question, video_text
-from nanovl.tiling import TilePlan, make_tiles, plan_tiles
+from nanovl.tiling import MAX_TILES_LIMIT, TilePlan, make_tiles, plan_tiles
 from nanovl.tokenizer import Tokenizer
 from nanovl.weights import checkpoint_index, load_weights, tensor_shapes
 
@@ -237,6 +237,15 @@ class VisionLanguageModel(TextModel):
     ) -> list[Image.Image | Video]:
         """Paths, bytes, data: URLs or PIL images (one or a list) -> RGB images, one per page; video
         files (by extension) -> a Video of sampled frames (`frames` evenly, or `fps`)."""
+        media = self.scan_media(inputs, pages, dpi, max_pixels, frames, fps)
+        return [m.load() if isinstance(m, Page) else m for m in media]
+
+    def scan_media(
+        self, inputs, pages=None, dpi=DEFAULT_DPI, max_pixels=MAX_PIXELS, frames=None, fps=None
+    ) -> list[Page | Video]:
+        """As `load_images`, but images and PDF pages stay `Page`s (sized from their headers, decoded
+        or rendered when encoded), so a prompt too long for the context is refused before any
+        rendering; `prepare` takes either."""
         if not isinstance(inputs, (list, tuple)):
             inputs = [inputs]
         media = []
@@ -246,7 +255,7 @@ class VisionLanguageModel(TextModel):
             elif is_video(src):
                 media.append(load_video(src, frames, fps, max_pixels=max_pixels))
             else:
-                media += load_document(src, pages, dpi, max_pixels)
+                media += scan_document(src, pages, dpi, max_pixels)
         return media
 
     def prepare(
@@ -269,8 +278,8 @@ class VisionLanguageModel(TextModel):
             raise RequestError("no images: give at least one image, PDF page or video")
         context = self.config.max_position_embeddings
         budget = self.tiles.max_tiles if max_tiles is None else max_tiles
-        if budget < self.tiles.min_tiles:
-            raise RequestError(f"max tiles must be at least {self.tiles.min_tiles}")
+        if not self.tiles.min_tiles <= budget <= MAX_TILES_LIMIT:
+            raise RequestError(f"max tiles must be in [{self.tiles.min_tiles}, {MAX_TILES_LIMIT}]; got {budget}")
         kinds = ["video" if isinstance(m, Video) else "image" for m in media]
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         for m in media:
@@ -280,7 +289,7 @@ class VisionLanguageModel(TextModel):
         while True:
             plans = [self.plans(m, budget, frame) for m in media]
             items = [(k, self.item_text(m, p)) for k, m, p in zip(kinds, media, plans)]
-            ids = self.tokenizer.encode(expand_media(text, items), False)
+            ids = self.tokenizer.encode_rendered(expand_media(text, items))
             if len(ids) + max(reserve, 1) <= context:
                 break
             if max_tiles is not None or budget <= self.tiles.min_tiles or "image" not in kinds:
@@ -327,31 +336,39 @@ class VisionLanguageModel(TextModel):
 
     def encode_media(self, media, plans) -> torch.Tensor:
         """Post-projector embeddings of every image / frame, in order (tiles, tokens, hidden); from the
-        store where it has them, the vision encoder for the rest (in one batch)."""
+        store where it has them, the vision encoder for the rest. One image at a time: a `Page` is
+        decoded or rendered only here, and its pixels are dropped once it is encoded."""
         from nanovl.engine.embed_store import image_key, model_fingerprint
 
         if self.store is not None and self._model_id is None:
             self._model_id = model_fingerprint(self.path)
         tpt, hidden = self.tiles.tokens_per_tile, self.config.hidden_size
-        items, out = [], []
+        out: list[torch.Tensor | None] = []
+        pending: list[tuple[int, str | None, torch.Tensor]] = []  # (place in out, store key, tiles)
+
+        def flush():  # encode the pending tiles together (at least ENCODE_CHUNK of them, or the rest)
+            feats = self.encode_tiles(torch.cat([t for _, _, t in pending])).split([len(t) for _, _, t in pending])
+            for (i, key, _), f in zip(pending, feats):
+                if key is not None:
+                    self.store.put(key, f)
+                out[i] = f
+            pending.clear()
+
         for m, ps in zip(media, plans):
             if isinstance(m, ImageEmbeds):
                 out.append(m.embeds.view(-1, tpt, hidden))
                 continue
             for im, p in zip(m.frames if isinstance(m, Video) else [m], ps):
+                im = im.load() if isinstance(im, Page) else im
                 key = image_key(im, p, self.tiles, self._model_id) if self.store is not None else None
-                hit = self.store.get(key) if key is not None else None
-                items.append((im, p, key))
-                out.append(hit if hit is not None else len(items) - 1)
-        todo = [i for i, o in enumerate(out) if isinstance(o, int)]
-        if todo:
-            pixels = torch.cat([make_tiles(items[out[i]][0], self.tiles, items[out[i]][1]) for i in todo])
-            feats = self.encode_tiles(pixels).split([items[out[i]][1].tiles for i in todo])
-            for i, f in zip(todo, feats):
-                key = items[out[i]][2]
-                if key is not None:
-                    self.store.put(key, f)
-                out[i] = f
+                out.append(self.store.get(key, (p.tiles, tpt, hidden)) if key is not None else None)
+                if out[-1] is None:
+                    pending.append((len(out) - 1, key, make_tiles(im, self.tiles, p)))
+                    if sum(len(t) for _, _, t in pending) >= ENCODE_CHUNK:
+                        flush()
+                del im
+        if pending:
+            flush()
         return torch.cat([o.to(self.model.dtype) for o in out])
 
     def item_text(self, item, plans: list[TilePlan]) -> str:

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from nanovl.errors import NanovlError
+from nanovl.hub import MODEL_HINT, resolve_model
 
 
 def add_document_args(p: argparse.ArgumentParser):
@@ -196,7 +197,7 @@ def cmd_ask(args):
     model = nanovl.load(args.model, args.dtype)
     if not isinstance(model, VisionLanguageModel):
         raise NanovlError(f"{args.model} is a text-only model; `ask` needs a vision-language checkpoint")
-    images = model.load_images(files, args.pages, args.dpi, frames=args.frames, fps=args.fps)
+    images = model.scan_media(files, args.pages, args.dpi, frames=args.frames, fps=args.fps)  # rendered when encoded
     params = model.params(**sampling_kwargs(args))
     prompt = model.prepare(images, question, args.max_tiles, system_prompt(args), params.max_new_tokens)
     if args.stats:
@@ -211,9 +212,11 @@ def cmd_tiles(args):
     from nanovl.media import load_document
     from nanovl.tiling import draw_grid, plan_tiles
 
-    spec = tile_spec(args.model)
-    if args.max_tiles is not None and args.max_tiles < spec.min_tiles:
-        raise NanovlError(f"--max-tiles must be at least {spec.min_tiles}")
+    spec = tile_spec(resolve_model(args.model))
+    from nanovl.tiling import MAX_TILES_LIMIT
+
+    if args.max_tiles is not None and not spec.min_tiles <= args.max_tiles <= MAX_TILES_LIMIT:
+        raise NanovlError(f"--max-tiles must be in [{spec.min_tiles}, {MAX_TILES_LIMIT}]")
     pages = load_document(args.file, args.pages, args.dpi)
     plans = [plan_tiles(spec, *im.size, max_tiles=args.max_tiles) for im in pages]
     if args.json:
@@ -236,6 +239,7 @@ def cmd_tiles(args):
 def cmd_serve(args):
     try:
         from nanovl.serve.app import serve
+        from nanovl.serve.protocol import Limits
     except ImportError as e:
         raise NanovlError(
             f"the server needs FastAPI, uvicorn and sse-starlette: pip install 'nanovl[serve]' ({e})"
@@ -245,6 +249,10 @@ def cmd_serve(args):
         max_concurrency=args.max_concurrency, max_queue=args.max_queue, max_len=args.max_len,
         allowed_local_media_path=args.allowed_local_media_path, allow_remote_media=args.allow_remote_media,
         request_timeout=args.request_timeout, embed_store=args.embed_store, kv_cache_gb=args.kv_cache_gb,
+        name=args.served_model_name, limits=Limits(
+            max_body_bytes=int(args.max_body_mb * (1 << 20)), max_media=args.max_images, max_videos=args.max_videos,
+            max_image_pixels=int(args.max_image_mp * 1e6), max_request_pixels=int(args.max_request_mp * 1e6),
+            max_tiles=args.max_tiles_limit),
     )  # fmt: skip
 
 
@@ -265,8 +273,11 @@ def cmd_eval(args):
     from nanovl.eval.datasets import load
     from nanovl.eval.runner import EndpointBackend, LocalBackend, headline, run
 
-    if bool(args.model) == bool(args.endpoint):
-        raise NanovlError("give exactly one of --model DIR or --endpoint URL")
+    if args.model and args.endpoint:
+        raise NanovlError("give one of --model and --endpoint, not both")
+    if not args.model and not args.endpoint:
+        raise NanovlError("give --model (a checkpoint folder or a hub id, e.g. nvidia/Llama-3.1-Nemotron-Nano-VL-8B-V1)"
+                          " or --endpoint URL; `nanovl eval run -h` for more")  # fmt: skip
     data = args.data
     if data is None and args.task == "corpus":
         data = str(Path.cwd().parent / "shared" / "corpus")
@@ -279,23 +290,24 @@ def cmd_eval(args):
     reference = json.loads(open(args.reference).read()) if args.reference else None
     out = args.out or f"eval-{args.task}"
     s = run(args.task, items, backend, out, args.concurrency, args.max_tokens, reference)
-    print(f"{args.task}: {headline(s):.2f} over {s['n']} items ({s['failed']} failed, retried on rerun); "
+    print(f"{args.task}: {headline(s):.2f} / 100 over {s['n']} items ({s['failed']} failed, retried on rerun); "
           f"results in {out}/")  # fmt: skip
 
 
 def cmd_quantize(args):
     from nanovl.quantize import check_eval, quantize_awq, quantize_fp8, quantize_int8, score_change
 
+    model = str(resolve_model(args.model))
     if args.eval:
-        check_eval(args.model, args.eval)  # before the work, not after it
+        check_eval(model, args.eval)  # before the work, not after it
     common = dict(calibration=args.calibration, samples=args.samples, include_vision=args.include_vision,
                   int8_embeddings=args.int8_embeddings)  # fmt: skip
     if args.method == "fp8":
-        result = quantize_fp8(args.model, args.out, **common)
+        result = quantize_fp8(model, args.out, **common)
     elif args.method == "int8":
-        result = quantize_int8(args.model, args.out, **common)
+        result = quantize_int8(model, args.out, **common)
     else:
-        result = quantize_awq(args.model, args.out, group=args.group_size, **common)
+        result = quantize_awq(model, args.out, group=args.group_size, **common)
     print(f"wrote a {args.method} checkpoint to {args.out}")
     print(f"  held-out tokens {result['held_out_tokens']}: logit error mean {result['logit_abs_error_mean']:.4f}, "
           f"max {result['logit_abs_error_max']:.4f}; perplexity {result['perplexity_original']:.3f} -> "
@@ -306,11 +318,10 @@ def cmd_quantize(args):
             f"{result['image_embedding_rel_error']:.4f}"
         )
     if args.eval:
-        change = score_change(args.model, args.out, args.eval, args.eval_max_tokens)
-        print(f"  held-out synthdocs, {change['eval_items']} items: original -> quantized (change)")
+        change = score_change(model, args.out, args.eval, args.eval_max_tokens)
+        print(f"  held-out synthdocs, {change['eval_items']} items, points (0-100): original -> quantized (change)")
         for name, m in change["eval"].items():
-            k = 1 if name == "score" else 100  # rates as points, like the overall score
-            print(f"    {name}: {m['original'] * k:.2f} -> {m['quantized'] * k:.2f} ({m['change'] * k:+.2f})")
+            print(f"    {name}: {m['original']:.2f} -> {m['quantized']:.2f} ({m['change']:+.2f})")
 
 
 def cmd_make_tiny(args):
@@ -343,26 +354,38 @@ def cmd_make_tiny(args):
 SPEC_FIELDS = ("size", "vision", "image_size", "max_tiles", "top", "tokenizer_vocab", "tokenizer_corpus")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with where models come from when --model is missing."""
+
+    def error(self, message: str):
+        if message.startswith("the following arguments are required") and "--model" in message:
+            message += "\n" + MODEL_HINT
+        super().error(message)
+
+
+MODEL_HELP = "checkpoint folder (Hugging Face layout) or Hugging Face hub id ORG/NAME"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nanovl", description="Nemotron Nano VL models, natively in PyTorch.")
+    parser = Parser(prog="nanovl", description="Nemotron Nano VL models, natively in PyTorch.")
     parser.add_argument("--version", action="version", version=f"nanovl {__import__('nanovl').__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="continue a raw prompt (no chat template), streaming to stdout")
-    p.add_argument("--model", required=True, help="checkpoint folder (Hugging Face layout)")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--prompt", required=True, help="the text to continue; - reads it from stdin")
     add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive multi-turn chat with the checkpoint's chat template")
-    p.add_argument("--model", required=True, help="checkpoint folder (Hugging Face layout)")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--system", help="system prompt")
     add_reasoning_args(p)
     add_sampling_args(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("ask", help="ask a question about images and PDFs, streaming the answer")
-    p.add_argument("--model", required=True, help="vision-language checkpoint folder (Hugging Face layout)")
+    p.add_argument("--model", required=True, help="vision-language " + MODEL_HELP)
     p.add_argument("inputs", nargs="+", metavar="FILE ... QUESTION", help="images / PDFs / videos, then the question")
     add_document_args(p)
     p.add_argument("--system", help="system prompt")
@@ -372,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tiles", help="show how a document is cut into tiles for a model")
     p.add_argument("file", help="an image or a PDF")
-    p.add_argument("--model", required=True, help="vision-language checkpoint folder (only its configs are read)")
+    p.add_argument("--model", required=True, help="vision-language " + MODEL_HELP + " (only its configs are read)")
     add_document_args(p)
     p.add_argument(
         "--json", action="store_true", help='per page: {"grid": [columns, rows], "tiles", "thumbnail", "image_tokens"}'
@@ -381,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tiles)
 
     p = sub.add_parser("serve", help="serve an OpenAI-compatible API (/v1/chat/completions)")
-    p.add_argument("--model", required=True, help="checkpoint folder (Hugging Face layout)")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1/")
@@ -393,16 +416,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allowed-local-media-path", help="folder whose files requests may name as media")
     p.add_argument("--allow-remote-media", action="store_true", help="allow http(s) media URLs")
     p.add_argument("--embed-store", help="folder keeping image embeddings across requests and restarts")
+    p.add_argument("--served-model-name", help="the model id clients use (default: the folder's name)")
+    g = p.add_argument_group("per-request limits (checked before any page is rendered)")
+    g.add_argument("--max-body-mb", type=float, default=64, help="request body size (default 64 MiB)")
+    g.add_argument("--max-images", type=int, default=32, help="images + PDF pages + videos (default 32)")
+    g.add_argument("--max-videos", type=int, default=2, help="videos (default 2)")
+    g.add_argument("--max-image-mp", type=float, default=64, help="megapixels of one image or page (default 64)")
+    g.add_argument("--max-request-mp", type=float, default=256, help="megapixels of all of them (default 256)")
+    g.add_argument("--max-tiles-limit", type=int, default=48, help="the largest max_tiles a request may ask (48)")
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float32")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("eval", help="run a benchmark, or score predictions made elsewhere")
-    esub = p.add_subparsers(dest="eval_command", required=True)
-    e = esub.add_parser("run", help="evaluate --model DIR or --endpoint URL on TASK")
+    p = sub.add_parser(
+        "eval",
+        help="run a benchmark (nanovl eval TASK ...), or score predictions made elsewhere",
+        usage="nanovl eval [run] TASK (--model MODEL | --endpoint URL) [options]\n"
+        "       nanovl eval score TASK --predictions FILE [--json]",
+        description="`nanovl eval TASK ...` is `nanovl eval run TASK ...`; `nanovl eval run -h` lists its options.",
+    )
+    esub = p.add_subparsers(dest="eval_command", required=True, prog="nanovl eval")
+    e = esub.add_parser("run", help="evaluate --model or --endpoint URL on TASK (the default: `nanovl eval TASK`)")
     e.add_argument("task", help="docvqa | infovqa | chartqa | ocrbench | textvqa | corpus | synthdocs (.jsonl --data)")
     e.add_argument("--data", help="the benchmark's files (default for corpus: ../shared/corpus)")
     e.add_argument("--images", help="image folder when it is not beside the annotations")
-    e.add_argument("--model", help="checkpoint folder")
+    e.add_argument("--model", help=MODEL_HELP)
     e.add_argument("--endpoint", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
     e.add_argument("--api-key")
     e.add_argument("--concurrency", type=int, default=1, help="requests in flight (endpoints)")
@@ -421,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval_score)
 
     p = sub.add_parser("quantize", help="write a quantized checkpoint and report its accuracy cost")
-    p.add_argument("--model", required=True, help="checkpoint folder (language or vision-language model)")
+    p.add_argument("--model", required=True, help=MODEL_HELP + " (language or vision-language model)")
     p.add_argument("--method", required=True, choices=["fp8", "awq", "int8"], help="fp8, int8 or awq (int4)")
     p.add_argument("--group-size", type=int, default=128, help="AWQ input columns per scale (default 128)")
     p.add_argument("--out", required=True, help="output folder (new or empty)")

@@ -9,6 +9,8 @@
   broken files are refused with the reason.
 - A pixel limit (`max_pixels`, checked from the header before decoding) guards against decompression
   bombs, for images and rendered pages alike.
+- `scan_document` reads only headers and page sizes and returns `Page`s that decode or render on
+  demand, so a request can be sized (pixels, tiles, tokens) before any page is rendered.
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
+import struct
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +32,8 @@ from nanovl.errors import NanovlError
 
 MAX_PIXELS = 100_000_000  # 100 MP: a 600-DPI A3 page fits; a decompression bomb does not
 DEFAULT_DPI = 144
+# what a malformed file can make Pillow raise while opening or decoding it
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, struct.error, EOFError, IndexError, TypeError)
 
 
 class MediaError(NanovlError):
@@ -39,8 +46,13 @@ def read_source(src, what: str = "input") -> tuple[bytes, str]:
         return bytes(src), f"<{what} bytes>"
     if isinstance(src, Path) or (isinstance(src, str) and not src.startswith("data:") and len(src) < 4096):
         path = Path(src)
-        if path.is_file():
-            return path.read_bytes(), str(path)
+        try:
+            if path.is_file():
+                return path.read_bytes(), str(path)
+            if path.is_dir():
+                raise MediaError(f"{src}: is a folder, not a file")
+        except (OSError, ValueError) as e:  # unreadable, or a NUL in the name
+            raise MediaError(f"{src}: cannot read ({e})") from None
         if isinstance(src, Path) or "/" in src or "." in src[-6:]:
             raise MediaError(f"{src}: no such file")
     if isinstance(src, str):
@@ -84,9 +96,10 @@ def load_image(src, max_pixels: int = MAX_PIXELS) -> Image.Image:
     return decode_image(data, name, max_pixels)
 
 
-def decode_image(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def open_image(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Pillow's own bomb check still refuses anything over 2 x Image.MAX_IMAGE_PIXELS (179 MP) at open;
-    its warning below that is silenced, since `max_pixels` is enforced here instead."""
+    its warning below that is silenced, since `max_pixels` is enforced here instead. Reads the header
+    only: the pixels are decoded by `decode_image`."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -95,6 +108,8 @@ def decode_image(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> Image.
         raise MediaError(f"{name}: not an image or PDF that nanovl can read") from None
     except Image.DecompressionBombError as e:
         raise MediaError(f"{name}: refused as a decompression bomb ({e})") from None
+    except DECODE_ERRORS as e:
+        raise MediaError(f"{name}: corrupt or truncated image ({e})") from None
     w, h = im.size
     if w * h > max_pixels:
         raise MediaError(
@@ -103,12 +118,29 @@ def decode_image(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> Image.
         )
     if w == 0 or h == 0:
         raise MediaError(f"{name}: empty image ({w}x{h})")
+    return im
+
+
+def decode_image(data: bytes, name: str, max_pixels: int = MAX_PIXELS, im: Image.Image | None = None) -> Image.Image:
+    """The image's first frame as RGB, EXIF orientation applied (im: `open_image`'s result, if at hand)."""
+    im = open_image(data, name, max_pixels) if im is None else im
     try:
-        im.seek(0)  # first frame of GIF / APNG / multi-page TIFF
-        im.load()
-        return to_rgb(ImageOps.exif_transpose(im))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im.seek(0)  # first frame of GIF / APNG / multi-page TIFF
+            im.load()
+            return to_rgb(ImageOps.exif_transpose(im))
+    except (*DECODE_ERRORS, Image.DecompressionBombError) as e:
         raise MediaError(f"{name}: corrupt or truncated image ({e})") from None
+
+
+def oriented_size(im: Image.Image) -> tuple[int, int]:
+    """The size after EXIF orientation (rotations by 90 degrees swap the sides), from the header."""
+    try:
+        turned = im.getexif().get(0x0112) in (5, 6, 7, 8)
+    except DECODE_ERRORS:
+        turned = False
+    return (im.size[1], im.size[0]) if turned else im.size
 
 
 def parse_pages(spec: str | None, count: int) -> list[int]:
@@ -118,6 +150,8 @@ def parse_pages(spec: str | None, count: int) -> list[int]:
     pages: list[int] = []
     for part in spec.split(","):
         part = part.strip()
+        if not part:
+            raise MediaError(f"bad page range {spec!r}: an empty item between commas")
         try:
             lo, sep, hi = part.partition("-")
             first = int(lo) if lo else 1
@@ -132,42 +166,93 @@ def parse_pages(spec: str | None, count: int) -> list[int]:
     return pages
 
 
-def load_pdf(data: bytes, name: str, pages: str | None = None, dpi: float = DEFAULT_DPI, max_pixels=MAX_PIXELS):
+@dataclass
+class Page:
+    """An image or a PDF page whose size is known (from headers) and whose pixels come on demand."""
+
+    size: tuple[int, int]  # (width, height) of the RGB image `load` returns
+    load: Callable[[], Image.Image]
+    name: str
+
+
+def _open_pdf(data: bytes, name: str):
     import pypdfium2 as pdfium
 
     try:
-        doc = pdfium.PdfDocument(data)
+        return pdfium.PdfDocument(data)
     except pdfium.PdfiumError as e:
         reason = "it is encrypted (password-protected)" if "password" in str(e).lower() else str(e)
         raise MediaError(f"{name}: cannot open PDF: {reason}") from None
+
+
+def _render(data: bytes, name: str, index: int, scale: float) -> Image.Image:
+    import pypdfium2 as pdfium
+
+    doc = _open_pdf(data, name)
     try:
-        images = []
-        for i in parse_pages(pages, len(doc)):
-            page = doc[i]
-            w, h = page.get_size()
-            scale = dpi / 72.0
-            if w * scale * h * scale > max_pixels:
-                raise MediaError(
-                    f"{name} page {i + 1}: {w * scale:.0f}x{h * scale:.0f} at {dpi} DPI exceeds "
-                    f"the limit of {max_pixels / 1e6:.0f} MP; lower the DPI"
-                )
-            images.append(to_rgb(page.render(scale=scale).to_pil()))
-        return images
+        return to_rgb(doc[index].render(scale=scale).to_pil())
+    except pdfium.PdfiumError as e:
+        raise MediaError(f"{name} page {index + 1}: cannot render ({e})") from None
     finally:
         doc.close()
 
 
-def load_document(src, pages: str | None = None, dpi: float = DEFAULT_DPI, max_pixels: int = MAX_PIXELS):
-    """An image or a PDF -> a list of RGB images (one per selected page)."""
+def scan_pdf(data: bytes, name: str, pages: str | None = None, dpi: float = DEFAULT_DPI, max_pixels=MAX_PIXELS,
+             max_pages: int | None = None):  # fmt: skip
+    """The selected pages of a PDF as `Page`s, sized from the page boxes; nothing is rendered yet.
+    max_pages: refuse a selection of more pages than this (checked before any page is read)."""
+    import pypdfium2 as pdfium
+
+    if not (isinstance(dpi, (int, float)) and math.isfinite(dpi) and dpi > 0):
+        raise MediaError(f"the PDF render resolution must be a number of DPI above 0; got {dpi}")
+    scale = dpi / 72.0
+    doc = _open_pdf(data, name)
+    try:
+        out, selected = [], parse_pages(pages, len(doc))
+        if max_pages is not None and len(selected) > max_pages:
+            raise MediaError(f"{name}: {len(selected)} pages selected, more than the {max_pages} allowed")
+        for i in selected:
+            try:
+                w, h = doc[i].get_size()
+            except pdfium.PdfiumError as e:  # e.g. a page count that lies
+                raise MediaError(f"{name} page {i + 1}: cannot read the page ({e})") from None
+            size = (round(w * scale), round(h * scale))
+            if size[0] * size[1] > max_pixels:
+                raise MediaError(
+                    f"{name} page {i + 1}: {size[0]}x{size[1]} at {dpi:g} DPI exceeds "
+                    f"the limit of {max_pixels / 1e6:.0f} MP; lower the DPI"
+                )
+            if min(size) < 1:
+                raise MediaError(f"{name} page {i + 1}: empty page ({w:.0f}x{h:.0f} points)")
+            out.append(Page(size, lambda i=i: _render(data, name, i, scale), f"{name} page {i + 1}"))
+        return out
+    finally:
+        doc.close()
+
+
+def load_pdf(data: bytes, name: str, pages: str | None = None, dpi: float = DEFAULT_DPI, max_pixels=MAX_PIXELS):
+    return [page.load() for page in scan_pdf(data, name, pages, dpi, max_pixels)]
+
+
+def scan_document(src, pages: str | None = None, dpi: float = DEFAULT_DPI, max_pixels: int = MAX_PIXELS,
+                  max_pages: int | None = None):  # fmt: skip
+    """An image or a PDF -> `Page`s (one per selected page), from headers alone."""
     if isinstance(src, Image.Image):
-        return [load_image(src, max_pixels)]
+        im = load_image(src, max_pixels)
+        return [Page(im.size, lambda: im, "<image>")]
     data, name = read_source(src, "document")
     if not data:
         raise MediaError(f"{name}: empty file")
     if is_pdf(data):
-        return load_pdf(data, name, pages, dpi, max_pixels)
+        return scan_pdf(data, name, pages, dpi, max_pixels, max_pages)
     parse_pages(pages, 1)  # an image is a one-page document: "1" selects it, "2" is out of range
-    return [decode_image(data, name, max_pixels)]
+    im = open_image(data, name, max_pixels)
+    return [Page(oriented_size(im), lambda: decode_image(data, name, max_pixels), name)]
+
+
+def load_document(src, pages: str | None = None, dpi: float = DEFAULT_DPI, max_pixels: int = MAX_PIXELS):
+    """An image or a PDF -> a list of RGB images (one per selected page)."""
+    return [page.load() for page in scan_document(src, pages, dpi, max_pixels)]
 
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".ts")

@@ -292,7 +292,7 @@ def score_change(original_dir: str, quantized_dir: str, data: str, max_tokens: i
     """Score the original and the quantized vision-language checkpoint on a held-out synthdocs file
     (`nanovl synth --split eval`), greedy, with the evaluation harness; predictions go to
     quantized_dir/quant_eval/{original,quantized}/ (a rerun resumes them). Returns each metric's
-    two values and their change, and updates quant_report.json."""
+    two values and their change (points, 0-100, as the eval summary), and updates quant_report.json."""
     from nanovl.eval.datasets import load
     from nanovl.eval.runner import LocalBackend, run
 
@@ -427,9 +427,14 @@ def quantize_awq(model_dir: str, out_dir: str, calibration: str | None = None, s
         raise NanovlError("AWQ here covers Llama / Qwen2 language models (not Nemotron-H)")
     _, root, model, _ = load_source(src)
     linears = quant_targets(root, is_vlm, False)
-    bad = [n for n, m in linears.items() if m.in_features % group or m.out_features % 8]
-    if bad:
-        raise NanovlError(f"{bad[0]}: in_features must divide by the group size {group} (and out by 8)")
+    for name, m in linears.items():
+        if m.out_features % 8:
+            raise NanovlError(f"{name}: out_features {m.out_features} does not divide by 8, which AWQ's packing needs")
+        if m.in_features % group:
+            fits = [g for g in (128, 64, 32) if all(x.in_features % g == 0 for x in linears.values())]
+            hint = f"--group-size {fits[0]}" if fits else "a --group-size that divides every layer's in_features"
+            raise NanovlError(f"{name}: in_features {m.in_features} does not divide by the group size {group}; "
+                              f"pass {hint}")  # fmt: skip
     tokenizer = Tokenizer(src, ckpt.text.eos_token_ids)
     calib, held = calibration_texts(calibration, samples)
     batches = lambda texts: [torch.tensor([tokenizer.encode(t)]) for t in texts]  # noqa: E731

@@ -66,14 +66,26 @@ class TilePlan:
         }
 
 
+MAX_TILES_LIMIT = 1024  # a per-image budget above this is refused (a 32 x 32 grid of tiles)
+
+
+@functools.lru_cache(maxsize=64)
 def candidate_grids(min_tiles: int, max_tiles: int) -> list[tuple[int, int]]:
-    grids = {
-        (i, j)
-        for n in range(min_tiles, max_tiles + 1)
-        for i in range(1, n + 1)
-        for j in range(1, n + 1)
-        if min_tiles <= i * j <= max_tiles
-    }
+    """Every (columns, rows) with min <= columns * rows <= max, sorted by tile count (stable, so grids
+    of one count keep the reference's order: the set {(i, j)} sorted by i * j)."""
+    if max_tiles > MAX_TILES_LIMIT:
+        raise ValueError(f"max tiles {max_tiles} is above the limit of {MAX_TILES_LIMIT}")
+    # The reference's set comprehension (n = min..max, i and j = 1..n) is cubic; its distinct
+    # elements, inserted in the same order, give the same set (and iteration order) in O(max log max):
+    # at step n the new pairs are those with max(i, j) = n.
+    first = []
+    for n in range(min_tiles, max_tiles + 1):
+        if n == min_tiles:
+            first += [(i, j) for i in range(1, n + 1) for j in range(1, n + 1)]
+        else:
+            first += [(i, n) for i in range(1, min(n - 1, max_tiles // n) + 1)]
+            first += [(n, j) for j in range(1, min(n, max_tiles // n) + 1)]
+    grids = {g for g in first if min_tiles <= g[0] * g[1] <= max_tiles}
     return sorted(grids, key=lambda g: g[0] * g[1])
 
 

@@ -7,11 +7,15 @@
   loop controls, `tojson`, `raise_exception`, `strftime_now`), so prompts match `apply_chat_template`.
 - End-of-turn ids come from `generation_config.json`, then `config.json`, then the tokenizer's eos token.
 - Streaming text uses `tokenizers.decoders.DecodeStream`, which never emits half of a multi-byte character.
+- Text from a client is text: `escape` marks the control-token strings it contains (`<|eot_id|>`,
+  `<IMG_CONTEXT>`, ...) and the media placeholders, and `encode_rendered` encodes the marked spans
+  as plain characters, so a user cannot close a turn or forge an image by typing its token.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 
@@ -25,6 +29,10 @@ from nanovl.config import read_json
 from nanovl.errors import CheckpointError, RequestError
 
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
+# An escaped span: a private-use character, the index of the literal it stands for, another.
+ESC_OPEN, ESC_CLOSE = "\ue000", "\ue001"
+_ESCAPED = re.compile(ESC_OPEN + "([0-9]+)" + ESC_CLOSE)
+PLACEHOLDER_TEXT = ("<image>", "<video>", "<document>")
 
 
 class _GenerationTag(Extension):
@@ -79,6 +87,11 @@ class Tokenizer:
         self.chat_template = self._find_template(model_dir, cfg)
         self._compiled = None
         self.eos_token_ids = self._find_eos(model_dir, eos_token_ids or [])
+        # what `escape` marks: the escape character itself, the placeholders, every added token (longest first)
+        added = sorted({t.content for t in self.tk.get_added_tokens_decoder().values()}, key=len, reverse=True)
+        self.literals = [ESC_OPEN, *PLACEHOLDER_TEXT, *(t for t in added if t not in PLACEHOLDER_TEXT)]
+        self._literal_re = re.compile("|".join(map(re.escape, self.literals)))
+        self._literal_index = {t: i for i, t in enumerate(self.literals)}
 
     @staticmethod
     def _find_template(model_dir: Path, cfg: dict) -> str | None:
@@ -131,7 +144,42 @@ class Tokenizer:
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
         # The rendered template already holds BOS and the turn markers: no post-processor on top.
         text = self.apply_chat_template(messages, add_generation_prompt, **kwargs)
-        return self.encode(text, add_special_tokens=False)
+        return self.encode_rendered(text)
+
+    def escape(self, text: str) -> str:
+        """Client text -> the same text with its token strings and placeholders marked as literal."""
+        return self._literal_re.sub(lambda m: f"{ESC_OPEN}{self._literal_index[m.group()]}{ESC_CLOSE}", text)
+
+    def encode_rendered(self, text: str) -> list[int]:
+        """A rendered prompt -> ids, without a post-processor; spans marked by `escape` become the
+        ids of their characters as plain text (the control tokens they spell are not produced)."""
+        if ESC_OPEN not in text:
+            return self.encode(text, add_special_tokens=False)
+        ids: list[int] = []
+        pos = 0
+        for m in _ESCAPED.finditer(text):
+            index = int(m.group(1))
+            if index >= len(self.literals):
+                continue  # not one of ours: left as it is
+            if m.start() > pos:
+                ids += self.encode(text[pos : m.start()], add_special_tokens=False)
+            ids += self.encode_plain(self.literals[index])
+            pos = m.end()
+        if pos < len(text):
+            ids += self.encode(text[pos:], add_special_tokens=False)
+        return ids
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Text whose token strings are encoded as characters (never as the added tokens they spell)."""
+        self.tk.encode_special_tokens = True
+        try:
+            ids = self.tk.encode(text, add_special_tokens=False).ids
+        finally:
+            self.tk.encode_special_tokens = False
+        added = self.tk.get_added_tokens_decoder()
+        if any(i in added for i in ids):  # added tokens that are not special still match: split them
+            return [j for ch in text for j in self.tk.encode(ch, add_special_tokens=False).ids]
+        return ids
 
 
 class TextStream:

@@ -174,3 +174,27 @@ def test_ask_bad_inputs_are_one_line_errors(tiny_v1, tiny_llama, tmp_path, capsy
     assert "text-only" in ask_error(capsys, "ask", "--model", str(tiny_llama), str(pdf), "Q")
     too_many = ["--max-tiles", "12", *[str(pdf)] * 4]
     assert "over the context of 16384" in ask_error(capsys, "ask", "--model", m, *too_many, "Q", "--dpi", "300")
+
+
+def test_broken_inputs_are_one_line_errors(tiny_v1, tmp_path, capsys):
+    from PIL import Image
+    from test_media import make_pdf
+
+    from nanovl.cli import main
+
+    Image.effect_mandelbrot((300, 200), (-2, -1, 1, 1), 30).convert("RGB").save(tmp_path / "x.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "x.png").read_bytes()[:100])  # head -c 100 x.png
+    pdf = str(make_pdf(tmp_path / "d.pdf", 1))
+    runs = [
+        (["ask", "--model", str(tiny_v1), str(tmp_path / "cut.png"), "Q"], "corrupt or truncated"),
+        (["ask", "--model", str(tiny_v1), pdf, "Q", "--dpi", "0"], "above 0"),
+        (["tiles", pdf, "--model", str(tiny_v1), "--dpi", "0"], "above 0"),
+        (["ask", "--model", str(tiny_v1), str(tmp_path), "Q"], "is a folder"),
+        (["ask", "--model", str(tiny_v1), pdf, "Q", "--pages", "1,,1"], "empty item"),
+        (["ask", "--model", str(tiny_v1), pdf, "Q", "--max-tiles", "5000"], "max tiles must be in"),
+        (["tiles", pdf, "--model", str(tiny_v1), "--max-tiles", "5000"], "--max-tiles must be in"),
+    ]
+    for argv, message in runs:
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("nanovl: error:") and message in err and "\n" not in err, (argv, err)

@@ -64,3 +64,75 @@ def test_cli_json_schema(tiny_v1, tmp_path, capsys):
         )
         == 1
     )
+
+
+JSON_SCHEMAS = [
+    {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}}, "required": ["name"]},
+    SCHEMA,
+    {
+        "type": "object",
+        "properties": {
+            "invoice": {
+                "type": "object",
+                "properties": {"number": {"type": "string", "maxLength": 8}, "total": {"type": "number"}},
+                "required": ["number", "total"],
+            },
+            "lines": {"type": "array", "items": {"type": "integer"}, "maxItems": 4},
+        },
+        "required": ["invoice", "lines"],
+    },
+    {"type": "object", "properties": {"tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "minItems": 1}}},
+    None,  # any JSON object
+]
+
+
+def test_sampled_json_always_parses_strictly_or_ends_on_length(tiny_v1):
+    """200 completions at temperature 1 from a random model (which tries its worst: byte tokens,
+    control characters, endless strings) through the batch scheduler: each one parses with a strict
+    JSON parser and validates, unless it ran out of tokens."""
+    from nanovl.engine.constrained import compile_constraint
+    from nanovl.engine.scheduler import Request, Scheduler
+
+    vl = nanovl.load(tiny_v1, dtype="float32")
+    sched = Scheduler(vl.model, vl.tokenizer, max_slots=8, max_len=512)
+    prompt = vl.tokenizer.encode_chat([{"role": "user", "content": "The invoice as JSON:"}])
+    done, reqs = [], []
+    for i in range(200):
+        schema = JSON_SCHEMAS[i % len(JSON_SCHEMAS)]
+        params = vl.params(temperature=1.0, seed=i, max_new_tokens=80, json_schema=schema or True)
+        constraint = compile_constraint(vl.tokenizer, vl.model.config.vocab_size, schema, prompt)
+        r = Request(prompt, params, lambda d: None, constraint=constraint)
+        reqs.append((r, schema))
+        sched.submit(r)
+        while len(sched.waiting) >= 32:
+            sched.step()
+    while sched.waiting or sched.rows:
+        sched.step()
+    for r, schema in reqs:
+        text = vl.tokenizer.decode(r.output, skip_special_tokens=True)
+        assert r.finish_reason in ("stop", "length"), (r.finish_reason, r.error)
+        if r.finish_reason == "stop":
+            value = json.loads(text, strict=True, parse_constant=pytest.fail)  # no raw control characters
+            assert "\ufffd" not in text
+            jsonschema.validate(value, schema or {"type": "object"})
+            done.append(value)
+    assert len(done) >= 100, f"only {len(done)} of 200 finished within 80 tokens"
+
+
+@pytest.mark.parametrize(
+    "schema, message",
+    [
+        ({"enum": []}, "cannot be enforced|admits no value"),
+        ({"not": {}}, "cannot be enforced|admits no value"),
+        ({"$ref": "https://example.com/schema.json"}, "only local references"),
+        ({"type": "object", "properties": {"a": {"$ref": "http://10.0.0.1/x"}}}, "only local references"),
+    ],
+)
+def test_schemas_the_enforcer_cannot_take_are_refused_at_admission(tiny_llama, schema, message):
+    from nanovl.engine.constrained import check_schema, compile_constraint
+    from nanovl.tokenizer import Tokenizer
+
+    tk = Tokenizer(tiny_llama)
+    with pytest.raises(RequestError, match=message):
+        check_schema(schema)
+        compile_constraint(tk, 512, schema, tk.encode("x"))

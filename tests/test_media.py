@@ -151,3 +151,43 @@ def test_parse_pages(spec, want):
 def test_parse_pages_errors(spec):
     with pytest.raises(MediaError):
         parse_pages(spec, 8)
+
+
+@pytest.mark.parametrize("spec", ["1,,2", "1,", ",2"])
+def test_empty_page_range_items_are_refused(tmp_path, spec):
+    pdf = make_pdf(tmp_path / "doc.pdf", 2)
+    with pytest.raises(MediaError, match="empty item"):
+        load_document(pdf, pages=spec)
+
+
+def test_bad_files_and_settings_are_one_line_errors(tmp_path):
+    with pytest.raises(MediaError, match="is a folder"):
+        load_document(tmp_path)
+    with pytest.raises(MediaError, match="above 0"):
+        load_document(make_pdf(tmp_path / "d.pdf", 1), dpi=0)
+    lying = make_pdf(tmp_path / "one.pdf", 1).read_bytes().replace(b"/Count 1", b"/Count 3")
+    with pytest.raises(MediaError, match="page 2: cannot read"):
+        load_document(lying)
+    for n in (20, 60, 100, 200):  # truncated at every depth of the header: Pillow raises at open
+        with pytest.raises(MediaError, match="corrupt or truncated|not an image"):
+            load_document(encode(Image.effect_mandelbrot((300, 200), (-2, -1, 1, 1), 30).convert("RGB"), "PNG")[:n])
+
+
+def test_pages_are_sized_before_they_are_rendered(tmp_path, monkeypatch):
+    from nanovl import media
+
+    rendered = []
+    real = media._render
+    monkeypatch.setattr(media, "_render", lambda *a: rendered.append(a[2]) or real(*a))
+    pages = media.scan_document(make_pdf(tmp_path / "d.pdf", 3), dpi=72)
+    assert [p.size for p in pages] == [(612, 792)] * 3 and rendered == []
+    assert pages[1].load().size == (612, 792) and rendered == [1]
+    with pytest.raises(MediaError, match="3 pages selected, more than the 2 allowed"):
+        media.scan_document(make_pdf(tmp_path / "d.pdf", 3), max_pages=2)
+    photo = Image.new("RGB", (40, 30))
+    exif = photo.getexif()
+    exif[0x0112] = 6  # rotated: the decoded image is 30 x 40
+    buf = io.BytesIO()
+    photo.save(buf, "JPEG", exif=exif)
+    (page,) = media.scan_document(buf.getvalue())
+    assert page.size == (30, 40) == page.load().size

@@ -226,7 +226,8 @@ def test_synthdocs_summary(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
     s = score_file("synthdocs", path)
-    assert s["anls_extractive"] == pytest.approx((1 + 7 / 8) / 2)
-    assert s["accuracy_arithmetic"] == 1 and s["accuracy_chart"] == 0 and s["accuracy_choice"] == 1
-    assert s["cer_transcription"] == pytest.approx(0.1)
+    # every summary figure in points, 0-100
+    assert s["anls_extractive"] == pytest.approx(100 * (1 + 7 / 8) / 2)
+    assert s["accuracy_arithmetic"] == 100 and s["accuracy_chart"] == 0 and s["accuracy_choice"] == 100
+    assert s["cer_transcription"] == pytest.approx(10)
     assert s["n_by_type"] == {"arithmetic": 1, "chart": 1, "choice": 1, "extractive": 2, "transcription": 1}

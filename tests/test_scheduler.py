@@ -1,5 +1,7 @@
 """Continuous batching: requests that join and leave a running batch produce what they produce alone."""
 
+import time
+
 import pytest
 import torch
 
@@ -118,3 +120,106 @@ def test_timeout_and_graceful_close(model):
     assert done.finish_reason == "length" and len(done.output) == 20
     with pytest.raises(QueueFull, match="shutting down"):
         sched.submit(request([1], SamplingParams()))
+
+
+class Exploding:
+    """A constraint that fails on its `at`-th use: a stand-in for any per-request failure while
+    sampling (a schema the enforcer breaks on, a callback that raises, non-finite logits)."""
+
+    def __init__(self, at: int):
+        self.calls, self.at = 0, at
+
+    def mask(self, logits, tokens):
+        self.calls += 1
+        if self.calls == self.at:
+            raise ValueError("constraint exploded")
+        return logits
+
+
+def test_a_failing_request_ends_alone_and_the_engine_goes_on(tiny_llama):
+    m, ckpt = load_text_model(tiny_llama, dtype="float32")
+    tk = Tokenizer(tiny_llama, ckpt.text.eos_token_ids)
+    sched = Scheduler(m, tk, max_slots=3)
+    sched.run()
+    try:
+        p = SamplingParams(max_new_tokens=12, ignore_eos=True)
+        bad = Request([5, 6, 7], p, lambda d: None, constraint=Exploding(at=4))
+        deltas = []
+        good = Request([5, 6, 7], p, deltas.append)
+        raising = Request([8, 9], p, lambda d: 1 / 0)  # its callback fails on the first token
+        for r in (bad, good, raising):
+            sched.submit(r)
+        deadline = time.time() + 30
+        while any(r.finish_reason is None for r in (bad, good, raising)) and time.time() < deadline:
+            time.sleep(0.01)
+        assert bad.finish_reason == "error" and "constraint exploded" in bad.error and len(bad.output) == 3
+        assert raising.finish_reason == "error"
+        assert good.finish_reason == "length" and len(good.output) == 12
+        assert good.output == generate(m, tk, [[5, 6, 7]], p)[0].token_ids
+        later = sched.submit(Request([5, 6, 7], p, lambda d: None))
+        while later.finish_reason is None and time.time() < deadline:
+            time.sleep(0.01)
+        assert later.output == good.output and sched.stats["errors"] == 2 and not sched.rows
+        assert len(sched.free) == 3  # every slot came back
+    finally:
+        sched.close(5)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the crash is the test
+def test_a_dead_loop_is_reported_and_revived(tiny_llama):
+    m, ckpt = load_text_model(tiny_llama, dtype="float32")
+    tk = Tokenizer(tiny_llama, ckpt.text.eos_token_ids)
+    sched = Scheduler(m, tk, max_slots=2)
+    real_step, boom = sched.step, []
+
+    def step():  # a BaseException escapes the loop's own boundary: the thread dies
+        if not boom:
+            boom.append(1)
+            raise SystemExit("simulated crash")
+        real_step()
+
+    sched.step = step
+    sched.run()
+    try:
+        first = sched.submit(Request([5, 6], SamplingParams(max_new_tokens=3), lambda d: None))
+        sched.thread.join(10)
+        assert sched.health() == "the engine loop is not running"
+        assert sched.revive() and sched.health() is None
+        assert first.finish_reason == "error" and "restarted" in first.error
+        second = sched.submit(Request([5, 6], SamplingParams(max_new_tokens=3), lambda d: None))
+        deadline = time.time() + 30
+        while second.finish_reason is None and time.time() < deadline:
+            time.sleep(0.01)
+        assert second.finish_reason == "length" and sched.stats["restarts"] == 1
+    finally:
+        sched.close(5)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"seed": 1 << 70, "temperature": 1.0}, "seed must be"),
+        ({"temperature": float("inf")}, "temperature must be"),
+        ({"temperature": float("nan")}, "temperature must be"),
+        ({"repetition_penalty": 1e-300}, "repetition_penalty must be"),
+        ({"top_p": float("nan")}, "top_p must be"),
+    ],
+)
+def test_values_that_would_fail_later_are_refused(fields, message):
+    from nanovl.errors import RequestError
+
+    with pytest.raises(RequestError, match=message):
+        SamplingParams(**fields)
+
+
+def test_sampling_stays_finite_at_extreme_values():
+    from nanovl.engine.sampling import make_generator, sample
+
+    logits = torch.tensor([[1.0, 3.0, 2.0, float("-inf")], [float("inf"), 0.0, float("nan"), 1.0]])
+    tiny = SamplingParams(temperature=1e-45, seed=0)  # effectively greedy, and finite
+    assert sample(logits, tiny, torch.Generator().manual_seed(0)).tolist() == [1, 0]
+    big = SamplingParams(temperature=1.0, seed=(1 << 64) - 1)  # the largest seed a generator takes
+
+    assert sample(logits, big, make_generator(big, "cpu")).shape == (2,)
+    with pytest.raises(Exception, match="no token is allowed"):
+        sample(torch.full((1, 4), float("-inf")), SamplingParams(temperature=1.0), torch.Generator())

@@ -161,7 +161,7 @@ def test_bad_requests_get_openai_errors(server, tmp_path):
         ({**ok, "messages": image_msg(corrupt)}, None, 400),
         ({**ok, "messages": image_msg(bomb)}, None, 400),
         ({**ok, "messages": image_msg("https://example.com/a.png")}, None, 400),
-        ({**ok, "messages": image_msg(str(tmp_path / "outside.png"))}, None, 400),
+        ({**ok, "messages": image_msg(str(tmp_path / "outside.png"))}, None, 403),
         ({**ok, "messages": [{"role": "user", "content": "word " * 20000}]}, None, 400),
         ({**ok, "temperature": -1}, None, 400),
         ({**ok, "messages": []}, None, 400),
@@ -171,7 +171,7 @@ def test_bad_requests_get_openai_errors(server, tmp_path):
         assert r.status_code == status, (i, r.text)
         err = r.json()["error"]
         assert err["message"] and err["type"]
-    (tmp_path / "outside.png").write_bytes(b"x")
+    (tmp_path / "outside.png").write_bytes(b"x")  # outside: 403 whether or not the file exists
     r = post(server, {**ok, "messages": image_msg(str(tmp_path / "outside.png"))})
     assert r.status_code == 403
     assert post(server, ok).status_code == 200  # and the server keeps serving
@@ -291,3 +291,40 @@ def test_video_url_part(client):
     ]
     r = client.chat.completions.create(model="tiny-vl", messages=msg, max_tokens=3)
     assert r.usage.prompt_tokens > 8 * 256  # 8 frames of one tile each
+
+
+def test_body_limit_and_server_errors_in_openai_shape(vl):
+    from nanovl.serve.protocol import Limits
+
+    s = LiveServer(create_app(vl, "tiny-vl", limits=Limits(max_body_bytes=2048)))
+    try:
+        body = {"model": "tiny-vl", "messages": [{"role": "user", "content": "x" * 4096}]}
+        r = httpx.post(s.url + "/v1/chat/completions", json=body, timeout=30)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
+
+        def chunks():  # no Content-Length: counted while read
+            yield b'{"model": "tiny-vl", "messages": [{"role": "user", "content": "'
+            for _ in range(8):
+                yield b"x" * 512
+            yield b'"}]}'
+
+        r = httpx.post(s.url + "/v1/chat/completions", content=chunks(), timeout=30)
+        assert r.status_code == 413
+        sched = s.server.config.app.state.scheduler
+        sched.step, real = (lambda: (_ for _ in ()).throw(RuntimeError("boom"))), sched.step
+        r = httpx.post(s.url + "/v1/chat/completions", json={**body, "messages": [{"role": "user", "content": "Hi"}]},
+                       timeout=30)  # fmt: skip
+        assert r.status_code == 500 and "boom" in r.json()["error"]["message"]
+        sched.step = real
+        ok = {"model": "tiny-vl", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+        assert httpx.post(s.url + "/v1/chat/completions", json=ok, timeout=30).status_code == 200
+        with httpx.stream("POST", s.url + "/v1/chat/completions", json={**ok, "stream": True}, timeout=30) as r:
+            assert r.status_code == 200
+        sched.step = lambda: (_ for _ in ()).throw(RuntimeError("boom"))
+        with httpx.stream("POST", s.url + "/v1/chat/completions", json={**ok, "stream": True}, timeout=30) as r:
+            events = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:") and "{" in line]
+        assert "error" in events[-1] and "boom" in events[-1]["error"]["message"]
+        sched.step = real
+        assert httpx.get(s.url + "/health", timeout=10).json()["status"] == "ok"
+    finally:
+        s.stop()

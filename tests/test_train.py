@@ -283,6 +283,18 @@ def test_resume_refuses_a_different_run(work):
     assert summary["steps"] == 4 and len(losses(work / "guard")) == 4
 
 
+def test_rerunning_a_finished_run_reports_its_last_loss(work, capsys):
+    from nanovl.cli import main
+
+    cfg = config(work, "finished", steps=2)
+    assert main(["train", "--config", str(cfg)]) == 0
+    first = capsys.readouterr().out
+    assert main(["train", "--config", str(cfg)]) == 0
+    again = capsys.readouterr().out
+    loss = f"final loss {losses(work / 'finished')[-1]:.4f}"
+    assert loss in first and "already finished (2 steps, " + loss in again and "loss nan" not in again, again
+
+
 def test_train_module_rejects_mismatched_image_tokens(work):
     cfg = load_train_config(config(work, "mismatch"))
     model, _, encoder, tiles, _ = build_model(cfg)

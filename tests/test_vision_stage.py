@@ -116,6 +116,8 @@ def test_vision_stage_trains_resumes_and_exports_only_the_encoder(base):
     train(stage(base, "full"))
     again = [json.loads(x)["loss"] for x in (base / "full" / "metrics.jsonl").read_text().splitlines()]
     assert again == pytest.approx([r["loss"] for r in rows], rel=1e-5)
+    done = train(stage(base, "full"))  # finished: run again, it trains nothing and reports its last loss
+    assert done["already_done"] and done["loss"] == pytest.approx(again[-1])
     before, after = load_file(base / "base" / "model.safetensors"), load_file(base / "full/model/model.safetensors")
     changed = {n for n in after if not torch.equal(before[n], after[n])}
     assert changed and all(n.startswith("vision_model.") for n in changed)

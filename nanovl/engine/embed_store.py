@@ -4,8 +4,10 @@
   (tile size, grid rule, resize filter, normalisation) and the model (its config.json and weight
   file sizes). Any change to one of these gives another key.
 - Memory: an LRU with a byte cap. Disk (optional): one safetensors file per key, written to a
-  temporary name, flushed and renamed into place, so a crash mid-write never leaves a torn entry; an
-  unreadable file is dropped and recomputed. Entries survive restarts.
+  temporary name, flushed and renamed into place, so a crash mid-write never leaves a torn entry.
+  Each file carries a SHA-256 of its dtype, shape and bytes in its metadata; on reading, an entry
+  whose digest, shape (the caller's expected one) or values (NaN, infinite) are wrong, or that is
+  unreadable, is dropped and recomputed. Entries survive restarts.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 
 def model_fingerprint(model_dir: str | Path) -> str:
@@ -38,6 +40,13 @@ def image_key(image, plan, spec, model_id: str) -> str:
     return h.hexdigest()
 
 
+def content_digest(value: torch.Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and bytes."""
+    h = hashlib.sha256(f"{value.dtype}{tuple(value.shape)}".encode())
+    h.update(value.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 class EmbedStore:
     def __init__(self, max_bytes: int = 1 << 30, directory: str | Path | None = None):
         self.max_bytes, self.bytes = max_bytes, 0
@@ -46,15 +55,17 @@ class EmbedStore:
         if self.dir is not None:
             self.dir.mkdir(parents=True, exist_ok=True)
         self.lock = threading.Lock()
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.dropped = 0
 
-    def get(self, key: str) -> torch.Tensor | None:
+    def get(self, key: str, shape: tuple[int, ...] | None = None) -> torch.Tensor | None:
+        """The entry for `key`, or None; shape: what the caller needs (an entry of another is dropped)."""
         with self.lock:
-            if key in self.memory:
+            value = self.memory.get(key)
+            if value is not None and (shape is None or tuple(value.shape) == tuple(shape)):
                 self.memory.move_to_end(key)
                 self.hits += 1
-                return self.memory[key]
-        value = self._read(key)
+                return value
+        value = self._read(key, shape)
         with self.lock:
             if value is None:
                 self.misses += 1
@@ -85,17 +96,28 @@ class EmbedStore:
     def _path(self, key: str) -> Path:
         return self.dir / key[:2] / f"{key}.safetensors"
 
-    def _read(self, key: str) -> torch.Tensor | None:
+    def _read(self, key: str, shape: tuple[int, ...] | None) -> torch.Tensor | None:
         if self.dir is None:
             return None
         path = self._path(key)
         if not path.is_file():
             return None
         try:
-            return load_file(path)["embeds"]
-        except (SafetensorError, OSError, KeyError):
-            path.unlink(missing_ok=True)  # unreadable: drop it, it will be recomputed
+            with safe_open(path, "pt") as f:
+                digest = (f.metadata() or {}).get("sha256")
+                value = f.get_tensor("embeds")
+            ok = (
+                digest == content_digest(value)
+                and (shape is None or tuple(value.shape) == tuple(shape))
+                and bool(torch.isfinite(value).all())
+            )
+        except (SafetensorError, OSError, KeyError, ValueError, RuntimeError):
+            ok = False
+        if not ok:  # unreadable, altered or not what the caller needs: drop it, it will be recomputed
+            path.unlink(missing_ok=True)
+            self.dropped += 1
             return None
+        return value
 
     def _write(self, key: str, value: torch.Tensor):
         path = self._path(key)
@@ -103,7 +125,7 @@ class EmbedStore:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
         os.close(fd)
         try:
-            save_file({"embeds": value}, tmp)
+            save_file({"embeds": value}, tmp, metadata={"sha256": content_digest(value)})
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)  # atomic: readers see the old state or the whole new file

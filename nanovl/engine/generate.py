@@ -135,8 +135,9 @@ class Delta:
     index: int  # which prompt of the batch
     text: str
     token_id: int | None
-    finish_reason: str | None = None  # "stop" | "length" (| "cancelled" | "timeout" in the server) at the end
+    finish_reason: str | None = None  # "stop" | "length" (| "cancelled" | "timeout" | "error" in the server)
     logprobs: dict | None = None  # {"token", "logprob", "top": [(id, logprob), ...]} when asked for
+    error: str | None = None  # with finish_reason "error": what went wrong
 
 
 @dataclass

@@ -6,11 +6,15 @@ top-k, top-p, min-p. Temperature 0 means greedy. A seeded `torch.Generator` make
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from nanovl.errors import RequestError
+
+SEED_RANGE = (-(1 << 63), 1 << 64)  # what torch.Generator.manual_seed takes
+MIN_PENALTY = 0.01  # repetition penalties outside [0.01, 100] only push logits to overflow
 
 
 @dataclass
@@ -30,13 +34,24 @@ class SamplingParams:
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)  # noqa: E731
         checks = [
             (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
-            (self.temperature >= 0, "temperature must be >= 0 (0 = greedy)"),
+            (
+                number(self.temperature) and self.temperature >= 0,
+                "temperature must be finite and >= 0 (0 = greedy)",
+            ),
             (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be an integer >= 0 (0 = off)"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (number(self.top_p) and 0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (number(self.min_p) and 0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+            (
+                number(self.repetition_penalty) and MIN_PENALTY <= self.repetition_penalty <= 1 / MIN_PENALTY,
+                f"repetition_penalty must be in [{MIN_PENALTY}, {1 / MIN_PENALTY:.0f}] (1 = off)",
+            ),
+            (
+                self.seed is None or isinstance(self.seed, int) and SEED_RANGE[0] <= self.seed < SEED_RANGE[1],
+                f"seed must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1] - 1}]",
+            ),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty"),
         ]
         for ok, message in checks:
@@ -70,10 +85,19 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
 
 
 def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits: (B, V) float32 (after the repetition penalty) -> (B,) token ids."""
+    """logits: (B, V) float32 (after the repetition penalty and any constraint mask) -> (B,) token ids.
+
+    Overflowed logits are clamped and the temperature divides logits shifted to a maximum of 0, so
+    any finite temperature > 0 gives a valid distribution (a tiny one: the arg-max). A row with no
+    allowed token at all raises RequestError."""
+    big = torch.finfo(logits.dtype).max
+    logits = logits.nan_to_num(nan=float("-inf"), posinf=big, neginf=float("-inf"))
+    top = logits.amax(dim=-1, keepdim=True)
+    if not torch.isfinite(top).all():
+        raise RequestError("no token is allowed at this step (every logit is -inf)")
     if p.greedy:
         return logits.argmax(dim=-1)
-    logits = logits / p.temperature
+    logits = (logits - top) / p.temperature
     if p.top_k:
         kth = torch.topk(logits, min(p.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

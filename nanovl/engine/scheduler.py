@@ -12,11 +12,16 @@
   `cancel` (a disconnected client); its slot is freed at once.
 - Results go out through a callback, one `Delta` per token, so a server can forward them to an
   event loop; `run` serves from a background thread, `close` finishes what is running.
+- Errors stay with the request that caused them: whatever fails while prefilling, sampling or
+  constraining one request ends that request with finish_reason "error" (and the message), and the
+  others go on. A failed batched step ends the rows it held. The loop itself never dies of an
+  exception; `health` says whether it is alive and stepping, and `revive` restarts a dead one.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -28,6 +33,8 @@ import torch
 from nanovl.engine.generate import Delta, StopText, json_constraint
 from nanovl.engine.sampling import SamplingParams, apply_repetition_penalty, make_generator, sample
 from nanovl.errors import RequestError
+
+log = logging.getLogger("nanovl.engine")
 
 
 class QueueFull(RequestError):
@@ -45,11 +52,13 @@ class Request:
     embeds: torch.Tensor | None = None  # (len(prompt), hidden): prefill from these instead of the ids
     top_logprobs: int | None = None  # None: no logprobs; 0: the chosen token's only
     timeout: float | None = None  # seconds from submission
+    constraint: object | None = None  # a JSON constraint compiled at admission (else built from params)
     id: int = field(default_factory=lambda: next(_ids))
     submitted: float = field(default_factory=time.monotonic)
     cancelled: bool = False
     output: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    error: str | None = None  # with finish_reason "error"
     first_token_at: float | None = None
 
 
@@ -77,6 +86,7 @@ class Scheduler:
             max_len = max(cache_bytes // (max_slots * kv_bytes_per_token(model)), 1)
         self.max_len = min(max_len, context)
         self.cache = model.make_slot_cache(max_slots, self.max_len)
+        self.cache_slots = max_slots
         self.free = list(range(max_slots))
         self.rows: dict[int, Row] = {}
         self.waiting: deque[Request] = deque()
@@ -85,7 +95,9 @@ class Scheduler:
         self.cond = threading.Condition()
         self.closing = False
         self.thread: threading.Thread | None = None
-        self.stats = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0, "cancelled": 0, "finished": 0}
+        self.step_started: float | None = None  # monotonic time of the step in progress (None: idle)
+        self.stats = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0, "cancelled": 0, "finished": 0,
+                      "errors": 0, "restarts": 0}  # fmt: skip
 
     # --- the outside world ------------------------------------------------------------------------
     def submit(self, req: Request) -> Request:
@@ -124,6 +136,28 @@ class Scheduler:
         self.thread = threading.Thread(target=self._loop, name="nanovl-scheduler", daemon=True)
         self.thread.start()
 
+    def health(self, stall_after: float = 300.0) -> str | None:
+        """None when the loop is alive and its current step (if any) began less than `stall_after`
+        seconds ago; otherwise what is wrong."""
+        if self.thread is None or not self.thread.is_alive():
+            return "the engine loop is not running"
+        started = self.step_started
+        if started is not None and time.monotonic() - started > stall_after:
+            return f"the engine has been in one step for {time.monotonic() - started:.0f} s"
+        return None
+
+    def revive(self) -> bool:
+        """Restart a loop that died (the watchdog calls this); the requests it held end with an error.
+        Returns whether it restarted."""
+        if self.closing or self.thread is None or self.thread.is_alive():
+            return False
+        self._fail_all("the engine loop stopped and was restarted")
+        self.step_started = None
+        self.stats["restarts"] += 1
+        log.error("nanovl: the engine loop had stopped; restarted it")
+        self.run()
+        return True
+
     def close(self, timeout: float | None = None):
         """Stop admitting, finish what is running and waiting, stop the thread."""
         with self.cond:
@@ -139,7 +173,38 @@ class Scheduler:
                     self.cond.wait()
                 if self.closing and not self.waiting and not self.rows:
                     return
-            self.step()
+            self.step_started = time.monotonic()
+            try:
+                self.step()
+            except Exception as e:  # a bug outside any one request: end what it held, keep serving
+                log.exception("nanovl: engine step failed")
+                self._fail_all(f"engine step failed: {e}")
+            finally:
+                self.step_started = None
+
+    def _fail(self, req: Request, e: Exception | str):
+        """End one request with an error; its slot (if it has one) is freed by `_retire`."""
+        if req.finish_reason is not None:
+            return
+        if isinstance(e, Exception) and not isinstance(e, RequestError):
+            log.error("nanovl: request %d failed", req.id, exc_info=e)
+        req.finish_reason, req.error = "error", str(e) or type(e).__name__
+        self.stats["errors"] += 1
+        try:
+            req.on_delta(Delta(0, "", None, "error", error=req.error))
+        except Exception:
+            log.exception("nanovl: a request's callback failed")
+
+    def _fail_all(self, message: str):
+        """End every running and waiting request with an error; every slot is free again."""
+        for row in list(self.rows.values()):
+            self._fail(row.req, message)
+        self.rows.clear()
+        self.free = list(range(self.cache_slots))
+        with self.cond:
+            pending, self.waiting = list(self.waiting), deque()
+        for req in pending:
+            self._fail(req, message)
 
     # --- one step ---------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -162,26 +227,49 @@ class Scheduler:
         together = [(r, s) for r, s in admitted if r.embeds is None] if not self.cache.mamba_slot else []
         if len(together) < 2:
             together = []
+        batched = set()
         if together:
-            self._prefill_batch(together)
-        batched = {id(r) for r, _ in together}
+            try:
+                self._prefill_batch(together)
+                batched = {id(r) for r, _ in together}
+            except Exception:  # prefill them one by one, so only the one at fault fails
+                log.exception("nanovl: batched prefill failed; prefilling alone")
+                for _, slot in together:
+                    self.rows.pop(slot, None)
         for req, slot in admitted:
             if id(req) not in batched:
-                self._prefill(req, slot)
+                try:
+                    self._prefill(req, slot)
+                except Exception as e:
+                    self.rows.pop(slot, None)
+                    self.free.append(slot)
+                    self._fail(req, e)
         for row in list(self.rows.values()):  # the first token of new rows, and expired / cancelled rows
             if row.logits is not None and not row.req.output:
-                self._emit(row)
+                self._emit_safely(row)
         live = [r for r in self.rows.values() if r.req.finish_reason is None]
         self._retire()
         if not live:
             return
         self.cache.use([r.slot for r in live])
         tokens = torch.tensor([[r.req.output[-1]] for r in live], device=self.model.device)
-        logits = self.model(tokens, self.cache.positions(1), self.cache, self.cache.attention_mask(1))[:, -1].float()
-        for r, lg in zip(live, logits):
+        try:
+            logits = self.model(tokens, self.cache.positions(1), self.cache, self.cache.attention_mask(1))
+        except Exception as e:  # the batch step itself failed: no row can go on from a torn cache
+            for r in live:
+                self._fail(r.req, f"decode step failed: {e}")
+            self._retire()
+            return
+        for r, lg in zip(live, logits[:, -1].float()):
             r.logits = lg
-            self._emit(r)
+            self._emit_safely(r)
         self._retire()
+
+    def _emit_safely(self, row: Row):
+        try:
+            self._emit(row)
+        except Exception as e:
+            self._fail(row.req, e)
 
     def _prefill(self, req: Request, slot: int):
         self.cache.reset(slot)
@@ -222,7 +310,7 @@ class Scheduler:
         if p.repetition_penalty != 1.0:
             seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
             seen[torch.tensor(req.prompt, device=device)] = True
-        constraint = json_constraint(self.tokenizer, self.model, p)
+        constraint = req.constraint if req.constraint is not None else json_constraint(self.tokenizer, self.model, p)
         self.rows[slot] = Row(req, slot, StopText(self.tokenizer, p.stop), generator, seen, logits, constraint)
         self.stats["prompt_tokens"] += len(req.prompt)
 

@@ -2,7 +2,8 @@
 
 The file is JSONL, one record per question, holding the gold fields of the task and a `prediction`.
 Each record gets its `score` (1/0, or ANLS in [0, 1]); the records are written back beside the input
-(`FILE.scored.jsonl`), and the summary is returned: mean x 100 (OCRBench: hits out of 1000).
+(`FILE.scored.jsonl`), and the summary is returned in points, 0-100 (means x 100: every figure, CER
+too), except OCRBench's `final`, hits out of 1000 (its `norm` is final / 10).
 
 Gold fields by task:
 - docvqa, infovqa: `answers` (list) -> ANLS
@@ -106,10 +107,10 @@ def summarise(task: str, records: list[dict]) -> dict:
         for kind, figure in SYNTH_FIGURES.items():
             scores = [r["score"] for r in records if r["type"] == kind]
             if scores:
-                out[f"{figure}_{kind}"] = sum(scores) / len(scores)
+                out[f"{figure}_{kind}"] = 100 * sum(scores) / len(scores)
         cers = [min(1.0, r["cer"]) for r in records if r["type"] == "transcription"]
         if cers:
-            out["cer_transcription"] = sum(cers) / len(cers)
+            out["cer_transcription"] = 100 * sum(cers) / len(cers)
         out["n_by_type"] = {k: sum(r["type"] == k for r in records) for k in sorted({r["type"] for r in records})}
     return out
 

@@ -3,19 +3,40 @@
 Content parts: `text`; `image_url` (data: URLs always; local paths only under the allowed folder;
 http(s) is refused until remote media is enabled); `video_url` (same sources); and OpenAI's `file`
 part for PDFs (`file_data` as a data: URL, with nanovl's optional `pages` range, e.g. "1-3").
+
+Bodies are parsed strictly: UTF-8, standard JSON (no NaN / Infinity), nesting at most MAX_DEPTH
+deep, at most `Limits.max_body_bytes`; unknown fields are refused, and so are OpenAI fields that
+nanovl does not implement when they ask for something (`frequency_penalty: 0.5`, `tools`, ...).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from nanovl.errors import RequestError
+
+MAX_DEPTH = 32  # JSON nesting of a request body (a chat request needs 6; a JSON schema rarely 10)
+
+
+@dataclass
+class Limits:
+    """What one request may ask of the server; everything is checked before any page is rendered."""
+
+    max_body_bytes: int = 64 << 20  # the request body (base64 media inflates files by 4/3)
+    max_media: int = 32  # images + PDF pages + videos in one request
+    max_videos: int = 2
+    max_image_pixels: int = 64_000_000  # one image or rendered page (a 600-DPI Letter page is 34 MP)
+    max_request_pixels: int = 256_000_000  # all images and rendered pages of one request together
+    max_tiles: int = 48  # the per-image tile budget a request may ask for (`max_tiles`)
 
 
 class APIError(Exception):
@@ -33,7 +54,39 @@ class StreamOptions(BaseModel):
     include_usage: bool = True
 
 
+# OpenAI fields that nanovl does not implement: refused unless they ask for nothing (their default).
+UNSUPPORTED = {
+    "frequency_penalty": 0,
+    "presence_penalty": 0,
+    "logit_bias": None,
+    "tools": None,
+    "tool_choice": None,
+    "functions": None,
+    "function_call": None,
+    "parallel_tool_calls": None,
+    "audio": None,
+    "modalities": None,
+    "prediction": None,
+    "web_search_options": None,
+    "reasoning_effort": None,
+}
+IGNORED = ("user", "metadata", "store", "service_tier")  # bookkeeping fields: accepted, no effect
+
+
 class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported(cls, data):
+        if not isinstance(data, dict):
+            return data
+        for key, default in UNSUPPORTED.items():
+            value = data.get(key)
+            if value is not None and value != default and value != {} and value != []:
+                raise ValueError(f"{key} is not supported by nanovl (see the README's list of supported fields)")
+        return {k: v for k, v in data.items() if k not in UNSUPPORTED and k not in IGNORED}
+
     model: str
     messages: list[dict[str, Any]] = Field(min_length=1)
     stream: bool = False
@@ -62,46 +115,96 @@ class MediaRef(BaseModel):
     data: Any = None  # image_embeds: base64 of a safetensors file with one (rows, hidden) tensor, or a list
 
 
-def parse_messages(messages: list[dict]) -> tuple[list[dict], list[MediaRef]]:
+def parse_body(raw: bytes) -> dict:
+    """The request body as JSON: UTF-8, no NaN / Infinity, nesting at most MAX_DEPTH."""
+
+    def no_constants(name):
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        body = json.loads(raw.decode("utf-8"), parse_constant=no_constants)
+    except UnicodeDecodeError:
+        raise APIError(400, "the request body is not UTF-8") from None
+    except RecursionError:
+        raise APIError(400, f"the request body is nested more than {MAX_DEPTH} levels deep") from None
+    except ValueError as e:  # JSONDecodeError is a ValueError
+        raise APIError(400, f"the request body is not valid JSON ({e})") from None
+    if depth(body) > MAX_DEPTH:
+        raise APIError(400, f"the request body is nested more than {MAX_DEPTH} levels deep")
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    return body
+
+
+def depth(value) -> int:
+    """Nesting depth of parsed JSON, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (dict, list)):
+            deepest = max(deepest, d)
+            stack += [(x, d + 1) for x in (v.values() if isinstance(v, dict) else v)]
+    return deepest
+
+
+def _field(part: dict, key: str, kind: type, where: str, required: bool = True):
+    """part[key], which must be a non-empty string (kind str) or an object (kind dict)."""
+    value = part.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, kind) or not value:
+        what = "a non-empty string" if kind is str else "an object"
+        raise APIError(400, f"{where}.{key} must be {what}", param="messages")
+    return value
+
+
+def parse_messages(messages: list[dict], escape=lambda text: text) -> tuple[list[dict], list[MediaRef]]:
     """Chat messages with content parts -> template messages whose text holds one `<image>` / `<video>`
-    placeholder per media part, and the media references in order."""
+    / `<document>` placeholder per media part, and the media references in order.
+
+    escape: applied to the client's own text (Tokenizer.escape: typed special tokens and
+    placeholders stay text), never to the placeholders put here."""
     out, media = [], []
     for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise APIError(400, f"messages[{i}] must be an object", param="messages")
         role, content = m.get("role"), m.get("content")
         if role not in ("system", "user", "assistant", "developer"):
             raise APIError(400, f"messages[{i}].role must be system, user or assistant", param="messages")
         role = "system" if role == "developer" else role
         if content is None or isinstance(content, str):
-            out.append({"role": role, "content": content or ""})
+            out.append({"role": role, "content": escape(content or "")})
             continue
         if not isinstance(content, list):
             raise APIError(400, f"messages[{i}].content must be a string or a list of parts", param="messages")
         text = []
-        for part in content:
+        for j, part in enumerate(content):
+            where = f"messages[{i}].content[{j}]"
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text":
-                text.append(str(part.get("text", "")))
+                text.append(escape(_field(part, "text", str, where, required=False) or ""))
             elif kind in ("image_url", "video_url"):
-                url = (part.get(kind) or {}).get("url") if isinstance(part.get(kind), dict) else part.get(kind)
-                if not url:
-                    raise APIError(400, f"messages[{i}]: a {kind} part needs a url", param="messages")
+                value = part.get(kind)
+                url = _field(value, "url", str, f"{where}.{kind}") if isinstance(value, dict) else value
+                if not isinstance(url, str) or not url:
+                    raise APIError(400, f"{where}: a {kind} part needs a url (a string)", param="messages")
                 media.append(MediaRef(kind=kind.split("_")[0], url=url))
                 text.append("<image>" if kind == "image_url" else "<video>")
             elif kind == "image_embeds":
                 data = part.get("image_embeds")
                 data = data.get("data") if isinstance(data, dict) else data
-                if data is None:
-                    raise APIError(400, f"messages[{i}]: an image_embeds part needs data", param="messages")
+                if not isinstance(data, (str, list)) or not data:
+                    raise APIError(400, f"{where}: image_embeds needs data (base64 or a list)", param="messages")
                 media.append(MediaRef(kind="embeds", data=data))
                 text.append("<image>")
             elif kind == "file":
-                f = part.get("file") or {}
-                if not f.get("file_data"):
-                    raise APIError(400, f"messages[{i}]: a file part needs file_data (a data: URL)", param="messages")
-                media.append(MediaRef(kind="document", url=f["file_data"], pages=f.get("pages")))
+                f = _field(part, "file", dict, where)
+                url = _field(f, "file_data", str, f"{where}.file")
+                pages = _field(f, "pages", str, f"{where}.file", required=False)
+                media.append(MediaRef(kind="document", url=url, pages=pages))
                 text.append("<document>")
             else:
-                raise APIError(400, f"messages[{i}]: unsupported content part type {kind!r}", param="messages")
+                raise APIError(400, f"{where}: unsupported content part type {kind!r}", param="messages")
         out.append({"role": role, "content": "".join(text)})
     return out, media
 
@@ -114,16 +217,25 @@ def resolve_source(url: str, allowed_local: Path | None, allow_remote: bool):
         if not allow_remote:
             raise APIError(400, "remote media URLs are disabled on this server (start it with --allow-remote-media)")
         return fetch_remote(url)
-    path = Path(url[len("file://") :] if url.startswith("file://") else url)
     if allowed_local is None:
         raise APIError(400, "local media paths are disabled on this server (see --allowed-local-media-path)")
-    try:
-        resolved = path.resolve(strict=True)
-    except (OSError, RuntimeError):
-        raise APIError(400, f"{url}: no such file") from None
+    name = url[len("file://") :] if url.startswith("file://") else url
+    if "\x00" in name:
+        raise APIError(400, "a media path cannot contain a NUL character")
     root = allowed_local.resolve()
-    if resolved != root and root not in resolved.parents:
+    inside = lambda p: p == root or root in p.parents  # noqa: E731
+    # outside the folder is 403 whether or not the file exists (no probing of the file system);
+    # the lexical check first, then again after symlinks are followed
+    if not inside(Path(os.path.abspath(root / name))):
         raise APIError(403, f"{url} is outside the allowed media folder", code="forbidden_path")
+    try:
+        resolved = (root / name).resolve(strict=True)
+    except (OSError, RuntimeError, ValueError):
+        raise APIError(400, f"{url}: no such file") from None
+    if not inside(resolved):
+        raise APIError(403, f"{url} is outside the allowed media folder", code="forbidden_path")
+    if not resolved.is_file():
+        raise APIError(400, f"{url}: not a file")
     return resolved
 
 
@@ -163,28 +275,35 @@ def decode_embeds(data) -> torch.Tensor:
 MAX_REMOTE_BYTES = 64 << 20
 
 
+def is_public(ip) -> bool:
+    """A globally routable unicast address: not private, loopback, link-local, shared (CGNAT,
+    100.64.0.0/10), reserved or multicast, and for IPv6 no tunnel (6to4, Teredo, mapped or
+    translated IPv4) that leads to one."""
+    import ipaddress
+
+    if not ip.is_global or ip.is_multicast:
+        return False
+    if ip.version == 6:
+        embedded = [ip.ipv4_mapped, ip.sixtofour, ip.teredo[1] if ip.teredo else None]
+        if ip in ipaddress.ip_network("64:ff9b::/96") or ip in ipaddress.ip_network("64:ff9b:1::/48"):
+            embedded.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+        return all(is_public(a) for a in embedded if a is not None)
+    return True
+
+
 def public_addresses(host: str) -> list[str]:
-    """The host's addresses after DNS resolution; refuses the host if any is private, loopback,
-    link-local, multicast, reserved or unspecified (so a name cannot point the server at itself or
-    its network)."""
+    """The host's addresses after DNS resolution; refuses the host if any of them is not public
+    (`is_public`), so a name cannot point the server at itself or its network."""
     import ipaddress
     import socket
 
     try:
         infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-    except socket.gaierror as e:
+    except (socket.gaierror, UnicodeError) as e:
         raise APIError(400, f"cannot resolve {host}: {e}") from None
     addresses = sorted({info[4][0] for info in infos})
     for a in addresses:
-        ip = ipaddress.ip_address(a.split("%")[0])
-        if (
-            ip.is_private
-            or ip.is_loopback
-            or ip.is_link_local
-            or ip.is_multicast
-            or ip.is_reserved
-            or ip.is_unspecified
-        ):
+        if not is_public(ipaddress.ip_address(a.split("%")[0])):
             raise APIError(400, f"{host} resolves to {a}, a non-public address: refused", code="forbidden_address")
     if not addresses:
         raise APIError(400, f"{host} has no address")
@@ -192,8 +311,10 @@ def public_addresses(host: str) -> list[str]:
 
 
 def fetch_remote(url: str, transport=None, hops: int = 3) -> bytes:
-    """GET a public http(s) URL: every host (redirects included) is checked with `public_addresses`
-    before any connection; at most MAX_REMOTE_BYTES."""
+    """GET a public http(s) URL: every host (redirects included) is resolved once and checked with
+    `public_addresses`, and the connection goes to the address that was checked (a second lookup
+    could answer differently: DNS rebinding). TLS still verifies the certificate for the host name
+    (SNI). At most MAX_REMOTE_BYTES."""
     from urllib.parse import urljoin, urlparse
 
     import httpx
@@ -202,10 +323,15 @@ def fetch_remote(url: str, transport=None, hops: int = 3) -> bytes:
         parsed = urlparse(url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise APIError(400, f"{url}: only http(s) URLs with a host name")
-        public_addresses(parsed.hostname)
+        host = parsed.hostname
+        address = public_addresses(host)[0]
+        pinned = httpx.URL(url).copy_with(host=address)
+        headers = {"Host": parsed.netloc.rpartition("@")[2]}
         try:
             with httpx.Client(transport=transport, follow_redirects=False, timeout=20) as client:
-                with client.stream("GET", url) as r:
+                request = client.build_request("GET", pinned, headers=headers, extensions={"sni_hostname": host})
+                r = client.send(request, stream=True)
+                try:
                     if r.is_redirect:
                         url = urljoin(url, r.headers.get("location", ""))
                         continue
@@ -217,6 +343,8 @@ def fetch_remote(url: str, transport=None, hops: int = 3) -> bytes:
                         if len(data) > MAX_REMOTE_BYTES:
                             raise APIError(400, f"{url}: more than {MAX_REMOTE_BYTES >> 20} MB")
                     return bytes(data)
+                finally:
+                    r.close()
         except httpx.HTTPError as e:
             raise APIError(400, f"{url}: cannot fetch ({e})") from None
     raise APIError(400, f"{url}: too many redirects")

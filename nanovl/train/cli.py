@@ -33,7 +33,11 @@ def cmd_train(args):
     if summary.get("saved"):
         acc = f", held-out character accuracy {summary['val_char_acc']:.3f}" if summary.get("val_char_acc") else ""
         loss = f"final loss {summary['loss']:.4f}{acc}"
-        print(f"nanovl train: {summary['steps']} steps, {loss}; saved {summary['saved']}")
+        if summary.get("already_done"):  # its checkpoint is at the last step: nothing was trained
+            print(f"nanovl train: already finished ({summary['steps']} steps, {loss}); saved {summary['saved']}; "
+                  "raise --steps to go on, or --restart to train again")  # fmt: skip
+        else:
+            print(f"nanovl train: {summary['steps']} steps, {loss}; saved {summary['saved']}")
         if summary.get("plot"):
             print(f"nanovl train: loss curve {summary['plot']}")
     if args.json and summary.get("saved"):

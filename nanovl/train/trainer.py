@@ -312,6 +312,12 @@ def plot_losses(metrics: Path, out: Path) -> bool:
     return True
 
 
+def last_loss(path: Path) -> float:
+    """The loss of the last step in metrics.jsonl (what a finished run reports when run again)."""
+    rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
+    return rows[-1]["loss"] if rows else float("nan")
+
+
 def truncate_metrics(path: Path, step: int):
     """Keep the metric lines of the steps up to the checkpoint (the resumed run redoes the rest)."""
     if path.is_file():
@@ -384,7 +390,7 @@ def train(cfg: TrainConfig, restart: bool = False) -> dict:
               file=sys.stderr)  # fmt: skip
     stop = Stop()
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.stage}", unit="step", disable=rank != 0, mininterval=1)
-    t_start, step, loss = time.perf_counter(), start, float("nan")
+    t_start, step, loss = time.perf_counter(), start, last_loss(metrics) if rank == 0 else float("nan")
     try:
         while step < cfg.steps:
             t0 = time.perf_counter()
@@ -441,7 +447,8 @@ def train(cfg: TrainConfig, restart: bool = False) -> dict:
                   "run the same command to resume", file=sys.stderr)  # fmt: skip
         _finish(world)
         raise SystemExit(143)
-    summary = {"steps": step, "loss": loss, "samples": len(pool), "skipped": dict(skips.reasons), "out": str(out)}
+    summary = {"steps": step, "loss": loss, "samples": len(pool), "skipped": dict(skips.reasons), "out": str(out),
+               "already_done": start >= cfg.steps}  # fmt: skip
     if rank == 0:
         summary["saved"] = str(write_model(model, cfg, ckpt, out))
         summary["plot"] = str(out / "loss.png") if plot_losses(metrics, out / "loss.png") else None

@@ -43,6 +43,7 @@ from nanovl.train.trainer import (
     Stop,
     adamw,
     export_model,
+    last_loss,
     lr_at,
     plot_losses,
     setup_distributed,
@@ -189,7 +190,7 @@ def train_vision(cfg: TrainConfig, restart: bool = False) -> dict:
           file=sys.stderr)  # fmt: skip
     stop = Stop()
     bar = tqdm(total=cfg.steps, initial=start, desc="train vision", unit="step", mininterval=1)
-    step, loss, t_start = start, float("nan"), time.perf_counter()
+    step, loss, t_start = start, last_loss(metrics), time.perf_counter()
     try:
         while step < cfg.steps:
             t0 = time.perf_counter()
@@ -230,4 +231,5 @@ def train_vision(cfg: TrainConfig, restart: bool = False) -> dict:
     saved = export_model(vlm, ckpt, cfg.model, out / "model", vlm=True)
     plot = plot_losses(metrics, out / "loss.png")
     return {"steps": step, "loss": loss, "val_char_acc": accuracy[-1] if accuracy else None, "out": str(out),
-            "saved": str(saved), "plot": str(out / "loss.png") if plot else None}  # fmt: skip
+            "saved": str(saved), "plot": str(out / "loss.png") if plot else None,
+            "already_done": start >= cfg.steps}  # fmt: skip
