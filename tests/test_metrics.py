@@ -231,3 +231,21 @@ def test_synthdocs_summary(tmp_path):
     assert s["accuracy_arithmetic"] == 100 and s["accuracy_chart"] == 0 and s["accuracy_choice"] == 100
     assert s["cer_transcription"] == pytest.approx(10)
     assert s["n_by_type"] == {"arithmetic": 1, "chart": 1, "choice": 1, "extractive": 2, "transcription": 1}
+
+
+def test_chartqa_gold_fields_and_records_without_one(tmp_path):
+    import json
+
+    from nanovl.errors import NanovlError
+    from nanovl.eval.score import score_file
+
+    path = tmp_path / "p.jsonl"
+    rows = [{"answer": "12", "prediction": "12"}, {"label": "7", "prediction": "8"}, {"answers": ["30", "3"],
+            "prediction": "3"}]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    score_file("chartqa", path)
+    scored = [json.loads(x)["score"] for x in (tmp_path / "p.scored.jsonl").read_text().splitlines()]
+    assert scored == [1.0, 0.0, 1.0]
+    path.write_text(json.dumps({"question": "q", "prediction": "None"}) + "\n")
+    with pytest.raises(NanovlError, match=r"p.jsonl:1: .*needs `answer`, `label` or `answers`"):
+        score_file("chartqa", path)

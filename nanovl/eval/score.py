@@ -7,7 +7,7 @@ too), except OCRBench's `final`, hits out of 1000 (its `norm` is final / 10).
 
 Gold fields by task:
 - docvqa, infovqa: `answers` (list) -> ANLS
-- chartqa: `answer` or `label`, optional `split` (human / augmented) -> relaxed accuracy
+- chartqa: `answer` or `label` (one gold), or `answers` (a list: the best match), optional `split` -> relaxed accuracy
 - ocrbench: `answers` (str or list), `dataset_name`, `type` -> OCRBench v1 hit
 - textvqa: `answers` (the 10 annotators') -> VQA accuracy with EvalAI processing
 - ai2d: `options` (list or {letter: text}), `answer` (letter or index) -> choice_letter
@@ -52,8 +52,12 @@ def score_record(task: str, rec: dict) -> dict:
     pred = str(rec.get("prediction", ""))
     if task in ("docvqa", "infovqa"):
         return {"score": M.anls(pred, list(rec["answers"]))}
-    if task == "chartqa":
-        return {"score": float(M.relaxed_accuracy(pred, str(rec.get("answer", rec.get("label")))))}
+    if task == "chartqa":  # one gold (`answer`, or `label` as in the release), or a list like the others
+        golds = rec.get("answer", rec.get("label", rec.get("answers")))
+        if golds is None:
+            raise KeyError("a chartqa record needs `answer`, `label` or `answers`")
+        golds = golds if isinstance(golds, list) else [golds]
+        return {"score": float(max(M.relaxed_accuracy(pred, str(g)) for g in golds))}
     if task == "textvqa":
         return {"score": M.vqa_accuracy(pred, list(rec["answers"]))}
     if task == "ocrbench":
