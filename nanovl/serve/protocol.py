@@ -162,8 +162,9 @@ def parse_messages(messages: list[dict], escape=lambda text: text) -> tuple[list
     """Chat messages with content parts -> template messages whose text holds one `<image>` / `<video>`
     / `<document>` placeholder per media part, and the media references in order.
 
-    escape: applied to the client's own text (Tokenizer.escape: typed special tokens and
-    placeholders stay text), never to the placeholders put here."""
+    escape: applied to user and system text (Tokenizer.escape: typed special tokens and
+    placeholders stay text), never to the placeholders put here. Assistant turns are left as they
+    are: chat templates read them (a reasoning model's drops its earlier `<think>` blocks)."""
     out, media = [], []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
@@ -172,8 +173,9 @@ def parse_messages(messages: list[dict], escape=lambda text: text) -> tuple[list
         if role not in ("system", "user", "assistant", "developer"):
             raise APIError(400, f"messages[{i}].role must be system, user or assistant", param="messages")
         role = "system" if role == "developer" else role
+        esc = escape if role != "assistant" else (lambda text: text)
         if content is None or isinstance(content, str):
-            out.append({"role": role, "content": escape(content or "")})
+            out.append({"role": role, "content": esc(content or "")})
             continue
         if not isinstance(content, list):
             raise APIError(400, f"messages[{i}].content must be a string or a list of parts", param="messages")
@@ -182,7 +184,7 @@ def parse_messages(messages: list[dict], escape=lambda text: text) -> tuple[list
             where = f"messages[{i}].content[{j}]"
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text":
-                text.append(escape(_field(part, "text", str, where, required=False) or ""))
+                text.append(esc(_field(part, "text", str, where, required=False) or ""))
             elif kind in ("image_url", "video_url"):
                 value = part.get(kind)
                 url = _field(value, "url", str, f"{where}.{kind}") if isinstance(value, dict) else value
