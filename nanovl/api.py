@@ -29,7 +29,7 @@ from nanovl.models import text_model_class
 from nanovl.models.packed import pack_linears, packing_supported, trim_heap
 from nanovl.models.vlm import VLMS, merge_embeddings
 from nanovl.prompts import expand_media, media_question, video_text
-from nanovl.tiling import MAX_TILES_LIMIT, TilePlan, make_tiles, plan_tiles
+from nanovl.tiling import TilePlan, make_tiles, plan_tiles
 from nanovl.tokenizer import Tokenizer
 from nanovl.weights import checkpoint_index, load_weights, tensor_shapes
 
@@ -278,8 +278,6 @@ class VisionLanguageModel(TextModel):
             raise RequestError("no images: give at least one image, PDF page or video")
         context = self.config.max_position_embeddings
         budget = self.tiles.max_tiles if max_tiles is None else max_tiles
-        if not self.tiles.min_tiles <= budget <= MAX_TILES_LIMIT:
-            raise RequestError(f"max tiles must be in [{self.tiles.min_tiles}, {MAX_TILES_LIMIT}]; got {budget}")
         kinds = ["video" if isinstance(m, Video) else "image" for m in media]
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         for m in media:

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from nanovl.errors import RequestError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -117,8 +119,8 @@ GRID_RULES = {"nano_vl": grid_nano_vl, "internvl": grid_internvl}
 
 def plan_tiles(spec: TileSpec, width: int, height: int, max_tiles: int | None = None) -> TilePlan:
     top = spec.max_tiles if max_tiles is None else max_tiles
-    if top < spec.min_tiles:
-        raise ValueError(f"max tiles {top} is below the checkpoint's minimum of {spec.min_tiles}")
+    if not spec.min_tiles <= top <= MAX_TILES_LIMIT:
+        raise RequestError(f"max tiles must be in [{spec.min_tiles}, {MAX_TILES_LIMIT}]; got {top}")
     grid = GRID_RULES[spec.rule](width, height, spec.tile_size, candidate_grids(spec.min_tiles, top))
     return TilePlan(grid, spec.use_thumbnail and grid[0] * grid[1] != 1, spec.tokens_per_tile)
 

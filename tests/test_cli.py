@@ -192,7 +192,7 @@ def test_broken_inputs_are_one_line_errors(tiny_v1, tmp_path, capsys):
         (["ask", "--model", str(tiny_v1), str(tmp_path), "Q"], "is a folder"),
         (["ask", "--model", str(tiny_v1), pdf, "Q", "--pages", "1,,1"], "empty item"),
         (["ask", "--model", str(tiny_v1), pdf, "Q", "--max-tiles", "5000"], "max tiles must be in"),
-        (["tiles", pdf, "--model", str(tiny_v1), "--max-tiles", "5000"], "--max-tiles must be in"),
+        (["tiles", pdf, "--model", str(tiny_v1), "--max-tiles", "5000"], "max tiles must be in"),
     ]
     for argv, message in runs:
         assert main(argv) == 1, argv

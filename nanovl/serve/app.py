@@ -105,11 +105,15 @@ class Guard:
                     err = APIError(401, "missing or wrong API key", type="authentication_error", code="invalid_api_key")
             length = headers.get(b"content-length", b"0")
             if err is None and (not length.isdigit() or int(length) > self.max_body):
-                err = APIError(413, f"the request body is over the limit of {self.max_body} bytes", code="too_large")
+                err = too_large(self.max_body)
             if err is not None:
                 self.on_error()
                 return await JSONResponse(err.body(), status_code=err.status)(scope, receive, send)
         return await self.app(scope, receive, send)
+
+
+def too_large(limit: int) -> APIError:
+    return APIError(413, f"the request body is over the limit of {limit} bytes", code="too_large")
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -117,7 +121,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
-            raise APIError(413, f"the request body is over the limit of {limit} bytes", code="too_large")
+            raise too_large(limit)
     return bytes(body)
 
 
