@@ -198,20 +198,12 @@ def compile_constraint(tokenizer, vocab_size: int, schema: dict | None, prompt: 
     return constraint
 
 
-def parse_response_format(response_format: dict | None) -> dict | None:
-    """OpenAI `response_format` -> {"schema": dict | None} for JSON modes, None for plain text."""
-    if not response_format or response_format.get("type") in (None, "text"):
+def constraint_for(tokenizer, vocab_size: int, params, prompt: list[int]) -> JsonConstraint | None:
+    """The compiled constraint `params.json_schema` asks for (True: any JSON object), or None."""
+    schema = params.json_schema
+    if schema is None or schema is False:
         return None
-    kind = response_format.get("type")
-    if kind == "json_object":
-        return {"schema": None}
-    if kind == "json_schema":
-        spec = response_format.get("json_schema") or {}
-        schema = spec.get("schema") if isinstance(spec, dict) else None
-        if schema is None:
-            raise RequestError("response_format json_schema needs json_schema.schema")
-        return {"schema": check_schema(schema)}
-    raise RequestError(f"unknown response_format type {kind!r} (text, json_object, json_schema)")
+    return compile_constraint(tokenizer, vocab_size, schema if isinstance(schema, dict) else None, prompt)
 
 
 def load_schema_file(path: str) -> dict:

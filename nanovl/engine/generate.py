@@ -1,12 +1,12 @@
-"""Generation: prefill, then one decode step at a time, for a batch of prompts of different lengths.
+"""Single-stream generation: prefill, then one decode step at a time, for a batch of prompts of
+different lengths (the CLI, the Python API and eval's local backend; the server uses the scheduler).
 
-- `TokenGenerator` works on token ids only. Prompts are left-padded to one length; padding slots are
-  masked out of attention and rotary positions count from each row's first real token, so a padded row
-  computes what it would alone. Each iteration yields the new token of every row (None once a row is
-  finished); `stop(row)` ends a row early.
-- `stream` adds text: per-row incremental detokenizers, and stop strings cut exactly. Text that could
-  be the start of a stop string is held back until it is known not to be one.
-- `generate` collects `stream` into one `Completion` per prompt.
+- `TokenGenerator` runs the model: prompts are left-padded to one length; padding slots are masked
+  out of attention and rotary positions count from each row's first real token, so a padded row
+  computes what it would alone. Each row samples and stops through its own `TokenStep`
+  (engine/step.py, shared with the scheduler); each iteration yields every row's new token id (None
+  once the row is finished), and `deltas` holds the same step's Deltas (text, finish reason).
+- `stream` yields the Deltas one by one; `generate` collects them into one `Completion` per prompt.
 - Too long is an error, never a silent truncation: a prompt that fills the context raises, and
   generation ends with finish_reason "length" when the context is full.
 """
@@ -18,30 +18,25 @@ from dataclasses import dataclass
 
 import torch
 
+from nanovl.engine.constrained import constraint_for
 from nanovl.engine.reasoning import split_reasoning
-from nanovl.engine.sampling import SamplingParams, apply_repetition_penalty, make_generator, sample
+from nanovl.engine.sampling import SamplingParams
+from nanovl.engine.step import Delta, TokenStep
 from nanovl.errors import RequestError
 from nanovl.models.layers import causal_mask
 
 
 class TokenGenerator:
     """embeds: optional per-prompt input embeddings (len(prompt), C) used for the prefill instead of
-    looking the prompt ids up (a VLM's prompt with image embeddings merged in)."""
+    looking the prompt ids up (a VLM's prompt with image embeddings merged in). tokenizer: for text
+    and stop strings (None: token ids only)."""
 
-    def __init__(
-        self,
-        model,
-        prompts: list[list[int]],
-        params: SamplingParams,
-        eos_ids=(),
-        context_len=None,
-        embeds=None,
-        constraint=None,
-    ):
+    def __init__(self, model, prompts: list[list[int]], params: SamplingParams, eos_ids=(), context_len=None,
+                 embeds=None, constraint=None, tokenizer=None):  # fmt: skip
         if not prompts or any(len(p) == 0 for p in prompts):
             raise RequestError("every prompt needs at least one token")
         cfg = model.config
-        self.model, self.params = model, params
+        self.model = model
         self.context_len = context_len or cfg.max_position_embeddings
         longest = max(len(p) for p in prompts)
         if longest >= self.context_len:
@@ -55,20 +50,23 @@ class TokenGenerator:
                 raise RequestError(f"token id {bad[0]} is outside the vocabulary (size {cfg.vocab_size})")
         if embeds is not None and [len(e) for e in embeds] != [len(p) for p in prompts]:
             raise ValueError("each prompt needs one embedding row per token")
-        self.prompts, self.embeds, self.constraint = prompts, embeds, constraint
-        self.eos_ids = (set() if params.ignore_eos else set(eos_ids)) | set(params.stop_token_ids)
-        self.max_new = min(params.max_new_tokens, self.context_len - longest)
-        self.finish_reason: list[str | None] = [None] * len(prompts)
-        self.output_ids: list[list[int]] = [[] for _ in prompts]
+        self.prompts, self.embeds = prompts, embeds
+        room = self.context_len - longest  # every row's cache is padded to the longest prompt
+        self.steps = [TokenStep(p, params, eos_ids, room, tokenizer, constraint, device=model.device) for p in prompts]
         self.logits: torch.Tensor | None = None  # (B, V) float32 model logits behind the last yielded tokens
+        self.deltas: list[Delta | None] = []  # the last yielded step's Deltas
 
-    def stop(self, row: int, reason: str = "stop"):
-        if self.finish_reason[row] is None:
-            self.finish_reason[row] = reason
+    @property
+    def finish_reason(self) -> list[str | None]:
+        return [s.finish_reason for s in self.steps]
+
+    @property
+    def output_ids(self) -> list[list[int]]:
+        return [s.output for s in self.steps]
 
     @torch.inference_mode()
     def __iter__(self) -> Iterator[list[int | None]]:
-        model, p = self.model, self.params
+        model = self.model
         device = model.device
         B, L = len(self.prompts), max(len(x) for x in self.prompts)
         pads = torch.tensor([L - len(x) for x in self.prompts], device=device)
@@ -76,7 +74,7 @@ class TokenGenerator:
         tokens = torch.zeros(B, L, dtype=torch.long, device=device)
         for i, x in enumerate(self.prompts):
             tokens[i, L - len(x) :] = torch.tensor(x, device=device)
-        total = L + self.max_new
+        total = L + max(s.limit for s in self.steps)
         cache = model.make_cache(B, total)
         slots = torch.arange(total, device=device)
         valid = slots[None, :] >= pads[:, None]  # (B, total): False on left padding
@@ -93,51 +91,17 @@ class TokenGenerator:
                 x[i, L - len(e) :] = e.to(device, model.dtype)
         real = valid[:, :L] if padded else None  # which prompt tokens are real (recurrent layers mask the rest)
         logits = model(tokens, positions, cache, mask, embeds=x, last_only=True, valid=real)[:, -1].float()
-
-        seen = None
-        if p.repetition_penalty != 1.0:
-            seen = torch.zeros_like(logits, dtype=torch.bool)
-            for i, x in enumerate(self.prompts):
-                seen[i, torch.tensor(x, device=device)] = True
-        generator = make_generator(p, device)
-
-        for step in range(self.max_new):
+        last = [0] * B  # the token each row feeds next (a finished row repeats its last one)
+        for pos in range(L, total):
             self.logits = logits
-            if seen is not None:
-                logits = apply_repetition_penalty(logits, seen, p.repetition_penalty)
-            if self.constraint is not None:  # JSON: only tokens that keep each row valid
-                rows = [self.constraint.mask(logits[i], x + self.output_ids[i]) for i, x in enumerate(self.prompts)]
-                logits = torch.stack(rows)
-            next_ids = sample(logits, p, generator)  # (B,)
-            out: list[int | None] = []
-            for i, t in enumerate(next_ids.tolist()):
-                if self.finish_reason[i] is not None:
-                    out.append(None)
-                    continue
-                self.output_ids[i].append(t)
-                out.append(t)
-                if t in self.eos_ids:
-                    self.finish_reason[i] = "stop"
-                elif step == self.max_new - 1:
-                    self.finish_reason[i] = "length"
-            yield out
-            if all(r is not None for r in self.finish_reason):
+            self.deltas = [None if s.finish_reason else s(logits[i], i) for i, s in enumerate(self.steps)]
+            yield [d.token_id if d else None for d in self.deltas]
+            if all(s.finish_reason for s in self.steps):
                 return
-            if seen is not None:
-                seen.scatter_(1, next_ids[:, None], True)
-            pos = L + step
+            last = [d.token_id if d else t for d, t in zip(self.deltas, last)]
             mask = valid[:, None, None, : pos + 1] if padded else None  # (B, 1, 1, S)
-            logits = model(next_ids[:, None], (pos - pads)[:, None], cache, mask)[:, -1].float()
-
-
-@dataclass
-class Delta:
-    index: int  # which prompt of the batch
-    text: str
-    token_id: int | None
-    finish_reason: str | None = None  # "stop" | "length" (| "cancelled" | "timeout" | "error" in the server)
-    logprobs: dict | None = None  # {"token", "logprob", "top": [(id, logprob), ...]} when asked for
-    error: str | None = None  # with finish_reason "error": what went wrong
+            next_ids = torch.tensor(last, device=device)[:, None]
+            logits = model(next_ids, (pos - pads)[:, None], cache, mask)[:, -1].float()
 
 
 @dataclass
@@ -158,53 +122,13 @@ class Completion:
         return split_reasoning(self.text)[1]
 
 
-def json_constraint(tokenizer, model, params: SamplingParams):
-    """The JSON constraint `params.json_schema` asks for, or None."""
-    if params.json_schema is None or params.json_schema is False:
-        return None
-    from nanovl.engine.constrained import JsonConstraint
-
-    schema = params.json_schema if isinstance(params.json_schema, dict) else {"type": "object"}
-    return JsonConstraint(tokenizer, model.config.vocab_size, schema)
-
-
-class StopText:
-    """One row's text: incremental detokenisation and stop strings cut exactly. Text that could be the
-    start of a stop string is held back until it is known not to be one."""
-
-    def __init__(self, tokenizer, stop: list[str]):
-        self.decoder = tokenizer.decode_stream(skip_special_tokens=True)
-        self.stop, self.held = stop, ""
-        self.keep = max((len(s) for s in stop), default=1) - 1
-
-    def push(self, token: int, last: bool) -> tuple[str, bool]:
-        """The text this token releases, and whether a stop string ended the row here."""
-        self.held += self.decoder.step(token)
-        if last:
-            self.held += self.decoder.finish()
-        cut = min((j for j in (self.held.find(s) for s in self.stop) if j >= 0), default=-1)
-        if cut >= 0:
-            text, self.held = self.held[:cut], ""
-            return text, True
-        split = len(self.held) if last else max(len(self.held) - self.keep, 0)
-        text, self.held = self.held[:split], self.held[split:]
-        return text, False
-
-
 def stream(
     model, tokenizer, prompts: list[list[int]], params: SamplingParams, context_len=None, embeds=None
 ) -> Iterator[Delta]:
-    constraint = json_constraint(tokenizer, model, params)
-    gen = TokenGenerator(model, prompts, params, tokenizer.eos_token_ids, context_len, embeds, constraint)
-    rows = [StopText(tokenizer, params.stop) for _ in prompts]
-    for tokens in gen:
-        for i, t in enumerate(tokens):
-            if t is None:
-                continue
-            text, stopped = rows[i].push(t, gen.finish_reason[i] is not None)
-            if stopped:
-                gen.stop(i, "stop")
-            yield Delta(i, text, t, gen.finish_reason[i])
+    constraint = constraint_for(tokenizer, model.config.vocab_size, params, prompts[0] if prompts else [])
+    gen = TokenGenerator(model, prompts, params, tokenizer.eos_token_ids, context_len, embeds, constraint, tokenizer)
+    for _ in gen:
+        yield from (d for d in gen.deltas if d is not None)
 
 
 def generate(

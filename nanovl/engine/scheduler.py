@@ -7,9 +7,10 @@
 - Admission is bounded: at most `max_slots` running, at most `max_queue` waiting (`QueueFull` beyond),
   and at most `prefill_budget` prompt tokens prefilled between two decode steps (at least one
   request), so long prompts do not stall the running ones for long.
-- Each request samples with its own parameters and seeded generator, cuts its own stop strings, and
-  ends on end-of-sequence, a stop string, its token limit, the slot's capacity, its deadline, or
-  `cancel` (a disconnected client); its slot is freed at once.
+- Each request samples and stops through its own `TokenStep` (engine/step.py, shared with the
+  single-stream generator): its own parameters, seeded generator and stop strings; it ends on
+  end-of-sequence, a stop string, its token limit, the slot's capacity, its deadline, or `cancel`
+  (a disconnected client); its slot is freed at once.
 - Results go out through a callback, one `Delta` per token, so a server can forward them to an
   event loop; `run` serves from a background thread, `close` finishes what is running.
 - Errors stay with the request that caused them: whatever fails while prefilling, sampling or
@@ -30,8 +31,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanovl.engine.generate import Delta, StopText, json_constraint
-from nanovl.engine.sampling import SamplingParams, apply_repetition_penalty, make_generator, sample
+from nanovl.engine.constrained import constraint_for
+from nanovl.engine.sampling import SamplingParams
+from nanovl.engine.step import Delta, TokenStep
 from nanovl.errors import RequestError
 
 log = logging.getLogger("nanovl.engine")
@@ -68,11 +70,8 @@ class Row:
 
     req: Request
     slot: int
-    text: StopText
-    generator: torch.Generator | None
-    seen: torch.Tensor | None  # (V,) bool for the repetition penalty
+    step: TokenStep  # penalties, constraint, sampling, finish rules and text
     logits: torch.Tensor | None = None  # (V,) float32 for the next token
-    constraint: object | None = None  # JSON constraint (engine/constrained.py)
 
 
 class Scheduler:
@@ -304,46 +303,27 @@ class Scheduler:
 
     def _start(self, req: Request, slot: int, logits: torch.Tensor):
         """A prefilled request becomes a running row, its first token sampled from `logits`."""
-        p, device = req.params, self.model.device
-        generator = make_generator(p, device)
-        seen = None
-        if p.repetition_penalty != 1.0:
-            seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
-            seen[torch.tensor(req.prompt, device=device)] = True
-        constraint = req.constraint if req.constraint is not None else json_constraint(self.tokenizer, self.model, p)
-        self.rows[slot] = Row(req, slot, StopText(self.tokenizer, p.stop), generator, seen, logits, constraint)
+        constraint = req.constraint
+        if constraint is None:
+            constraint = constraint_for(self.tokenizer, self.model.config.vocab_size, req.params, req.prompt)
+        step = TokenStep(req.prompt, req.params, self.eos, self.max_len - len(req.prompt), self.tokenizer,
+                         constraint, req.top_logprobs, self.model.device)  # fmt: skip
+        req.output = step.output
+        self.rows[slot] = Row(req, slot, step, logits)
         self.stats["prompt_tokens"] += len(req.prompt)
 
     def _emit(self, row: Row):
         """Sample the row's next token from row.logits and hand out its delta."""
-        req, p = row.req, row.req.params
+        req = row.req
         if req.cancelled or (req.timeout is not None and time.monotonic() - req.submitted > req.timeout):
             req.finish_reason = "cancelled" if req.cancelled else "timeout"
             self.stats["cancelled"] += req.cancelled
             req.on_delta(Delta(0, "", None, req.finish_reason))
             return
-        logits = row.logits[None]
-        if row.seen is not None:
-            logits = apply_repetition_penalty(logits, row.seen[None], p.repetition_penalty)
-        if row.constraint is not None:
-            logits = row.constraint.mask(logits[0], req.prompt + req.output)[None]
-        token = int(sample(logits, p, row.generator)[0])
-        if row.seen is not None:
-            row.seen[token] = True
-        req.output.append(token)
+        delta = row.step(row.logits)
+        req.finish_reason = delta.finish_reason
         req.first_token_at = req.first_token_at or time.monotonic()
         self.stats["generated_tokens"] += 1
-        position = len(req.prompt) + len(req.output)
-        if (token in self.eos and not p.ignore_eos) or token in p.stop_token_ids:
-            req.finish_reason = "stop"
-        elif len(req.output) >= p.max_new_tokens or position >= self.max_len:
-            req.finish_reason = "length"
-        text, stopped = row.text.push(token, req.finish_reason is not None)
-        if stopped:
-            req.finish_reason = "stop"
-        delta = Delta(0, text, token, req.finish_reason)
-        if req.top_logprobs is not None:
-            delta.logprobs = _logprobs(row.logits, token, req.top_logprobs)
         req.on_delta(delta)
 
     def _retire(self):
@@ -365,11 +345,3 @@ def kv_bytes_per_token(model) -> int:
     layers = getattr(cfg, "pattern", "*" * cfg.num_hidden_layers).count("*")
     return max(layers * 2 * cfg.num_key_value_heads * cfg.head_dim * model.dtype.itemsize, 1)
 
-
-def _logprobs(logits: torch.Tensor, token: int, top: int) -> dict:
-    lp = torch.log_softmax(logits, dim=-1)
-    out = {"token": token, "logprob": float(lp[token])}
-    if top:
-        values, ids = lp.topk(top)
-        out["top"] = list(zip(ids.tolist(), values.tolist()))
-    return out

@@ -32,7 +32,7 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException
 
 from nanovl.api import ImageEmbeds, VisionLanguageModel
-from nanovl.engine.constrained import compile_constraint, parse_response_format
+from nanovl.engine.constrained import compile_constraint
 from nanovl.engine.embed_store import EmbedStore
 from nanovl.engine.sampling import SEED_RANGE
 from nanovl.engine.scheduler import QueueFull, Scheduler
@@ -46,6 +46,7 @@ from nanovl.serve.protocol import (
     decode_embeds,
     parse_body,
     parse_messages,
+    parse_response_format,
     resolve_source,
     sampling_fields,
 )

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from nanovl.engine.constrained import check_schema
 from nanovl.errors import RequestError
 
 MAX_DEPTH = 32  # JSON nesting of a request body (a chat request needs 6; a JSON schema rarely 10)
@@ -253,6 +254,22 @@ def sampling_fields(req: ChatRequest) -> dict:
         ignore_eos=req.ignore_eos or None,
     )  # fmt: skip
     return {k: v for k, v in fields.items() if v is not None}
+
+
+def parse_response_format(response_format: dict | None) -> dict | None:
+    """OpenAI `response_format` -> {"schema": dict | None} for JSON modes, None for plain text."""
+    if not response_format or response_format.get("type") in (None, "text"):
+        return None
+    kind = response_format.get("type")
+    if kind == "json_object":
+        return {"schema": None}
+    if kind == "json_schema":
+        spec = response_format.get("json_schema") or {}
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if schema is None:
+            raise RequestError("response_format json_schema needs json_schema.schema")
+        return {"schema": check_schema(schema)}
+    raise RequestError(f"unknown response_format type {kind!r} (text, json_object, json_schema)")
 
 
 def decode_embeds(data) -> torch.Tensor:
