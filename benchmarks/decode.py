@@ -104,7 +104,7 @@ def main():
     torch.manual_seed(0)
     path = ensure_checkpoint(Path(args.workdir))
 
-    from nanovl.api import load_text_model
+    from nanovl.checkpoint import load_text_model
 
     ours, _ = load_text_model(path, dtype="bfloat16", pack=not args.no_pack)
     wbytes = weight_bytes_per_step(path)

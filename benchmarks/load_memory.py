@@ -28,7 +28,7 @@ mode, path = sys.argv[1], sys.argv[2]
 if mode == "transformers":
     from transformers import AutoModelForCausalLM
 else:
-    from nanovl.api import load_text_model
+    from nanovl.checkpoint import load_text_model
 base = mem()
 t0 = time.perf_counter()
 if mode == "transformers":

@@ -25,7 +25,7 @@ def rss():
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS"):
             return int(line.split()[1]) * 1024
-from nanovl.api import load_text_model
+from nanovl.checkpoint import load_text_model
 from nanovl.engine import SamplingParams, TokenGenerator
 base = rss()
 model, _ = load_text_model(sys.argv[1], dtype="bfloat16", pack=True)

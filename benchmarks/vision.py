@@ -86,7 +86,7 @@ def preprocessing(images):
 def encoder(vit: str, n_tiles: int, dtype: str):
     from transformers import RadioConfig, RadioModel
 
-    from nanovl.api import load_radio
+    from nanovl.checkpoint import load_radio
     from nanovl.models.radio import VIT_DIMS
 
     width, depth, heads, mlp = VIT_DIMS[vit]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -208,7 +209,7 @@ def cmd_ask(args):
 
 
 def cmd_tiles(args):
-    from nanovl.api import tile_spec
+    from nanovl.checkpoint import tile_spec
     from nanovl.media import load_document
     from nanovl.tiling import draw_grid, plan_tiles
 
@@ -435,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) > 1 and argv[0] == "eval" and argv[1] not in ("run", "score", "-h", "--help"):
         argv.insert(1, "run")  # `nanovl eval TASK ...` is `nanovl eval run TASK ...`
     args = build_parser().parse_args(argv)
+    logging.basicConfig(format="%(message)s", level=logging.WARNING)  # the library's notes, on stderr
     try:
         args.func(args)
     except NanovlError as e:

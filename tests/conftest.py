@@ -87,7 +87,7 @@ def document_lines(n: int, seed: int = 0) -> list[str]:
 def trained_llama(tmp_path_factory):
     """A small Llama trained here on templated document lines; other lines of the same kind are for
     calibration and held-out perplexity."""
-    from nanovl.api import load_text_model
+    from nanovl.checkpoint import load_text_model
     from nanovl.tiny import write_checkpoint
     from nanovl.tokenizer import Tokenizer
     from nanovl.weights import save_weights

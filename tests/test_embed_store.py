@@ -46,12 +46,12 @@ def test_a_corrupted_entry_is_recomputed_to_the_same_answer(tiny_v1, tmp_path):
     vl = nanovl.load(tiny_v1, dtype="float32")
     page = Image.effect_mandelbrot((500, 400), (-2, -1, 1, 1), 30).convert("RGB")
     want = vl.ask(page, "Total?", max_new_tokens=6).text
-    vl.store = EmbedStore(1 << 30, tmp_path)
+    vl.processor.store = EmbedStore(1 << 30, tmp_path)
     assert vl.ask(page, "Total?", max_new_tokens=6).text == want
     (path,) = list(tmp_path.rglob("*.safetensors"))
     data = bytearray(path.read_bytes())
     data[-64:] = bytes(64)  # same size, other values
     path.write_bytes(bytes(data))
-    vl.store = EmbedStore(1 << 30, tmp_path)  # restarted: reads the altered file
+    vl.processor.store = EmbedStore(1 << 30, tmp_path)  # restarted: reads the altered file
     assert vl.ask(page, "Total?", max_new_tokens=6).text == want
-    assert vl.store.dropped == 1 and vl.store.misses == 1
+    assert vl.processor.store.dropped == 1 and vl.processor.store.misses == 1

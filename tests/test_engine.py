@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import nanovl
-from nanovl.api import load_text_model
+from nanovl.checkpoint import load_text_model
 from nanovl.engine import SamplingParams, TokenGenerator, generate, stream
 from nanovl.engine.sampling import apply_repetition_penalty, sample
 from nanovl.errors import RequestError

@@ -18,7 +18,7 @@ import modelopt.torch.quantization as mtq
 import pytest
 import torch
 
-from nanovl.api import load_text_model
+from nanovl.checkpoint import load_text_model
 from nanovl.quantize import calibration_texts, quantize_awq, quantize_fp8
 from nanovl.tokenizer import Tokenizer
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import NemotronHConfig, NemotronHForCausalLM
 
-from nanovl.api import load_text_model
+from nanovl.checkpoint import load_text_model
 from nanovl.engine import SamplingParams, TokenGenerator
 
 CHUNK = 8

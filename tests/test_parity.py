@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from nanovl.api import load_text_model
+from nanovl.checkpoint import load_text_model
 from nanovl.engine import SamplingParams, TokenGenerator
 
 SMALL = dict(

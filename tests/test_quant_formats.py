@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
-from nanovl.api import load_text_model
+from nanovl.checkpoint import load_text_model
 from nanovl.errors import CheckpointError
 from nanovl.quant import AWQLinear, FP8Linear, NVFP4Linear
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from nanovl.api import load_text_model
+from nanovl.checkpoint import load_text_model
 from nanovl.cli import main
 from nanovl.errors import NanovlError
 from nanovl.quant import FP8Linear
@@ -130,7 +130,7 @@ def tiny_vlm(tmp_path_factory):
 
 @pytest.mark.parametrize("method", ["fp8", "int8"])
 def test_vlm_quantization_with_and_without_the_vision_tower(tiny_vlm, tmp_path, method):
-    from nanovl.api import load_vlm
+    from nanovl.checkpoint import load_vlm
     from nanovl.quant import FP8Linear, Int8Linear
     from nanovl.quantize import quantize_fp8
 

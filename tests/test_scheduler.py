@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from nanovl.api import load_text_model
+from nanovl.checkpoint import load_text_model
 from nanovl.engine import SamplingParams, generate
 from nanovl.engine.scheduler import QueueFull, Request, Scheduler
 from nanovl.tokenizer import Tokenizer

@@ -53,16 +53,23 @@ def losses(out: Path) -> list[float]:
     return [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_overfits_eight_samples(work):
+@pytest.fixture(scope="module")
+def overfit(work):
+    """Trained once per worker process: the tests that load the result may run on another worker than
+    the one that checks the curve."""
     cfg = load_train_config(config(work, "overfit", steps=120, batch_size=8, grad_accum=1, lr=1e-2, warmup_steps=5,
                                    min_lr_ratio=0.05, save_every=1000))  # fmt: skip
-    summary = train(cfg)
+    return train(cfg)
+
+
+def test_overfits_eight_samples(work, overfit):
+    summary = overfit
     curve = losses(work / "overfit")
     assert curve[0] > 3.0 and summary["loss"] < 0.05, (curve[0], summary["loss"])
     assert (work / "overfit" / "model" / "model.safetensors").is_file()
 
 
-def test_trained_model_answers_through_the_api(work):
+def test_trained_model_answers_through_the_api(work, overfit):
     import nanovl
 
     m = nanovl.load(work / "overfit" / "model")
@@ -93,7 +100,7 @@ def test_stage_freezing_is_real(work):
 
 
 def test_lora_merge_equals_adapter_inference(work, tmp_path):
-    from nanovl.api import load_vlm
+    from nanovl.checkpoint import load_vlm
     from nanovl.train.lora import load_adapter
     from nanovl.train.trainer import merge_checkpoint
 

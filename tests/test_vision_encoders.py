@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from transformers import InternVLVisionConfig, InternVLVisionModel, RadioConfig, RadioModel
 
-from nanovl.api import load_radio
+from nanovl.checkpoint import load_radio
 from nanovl.models.intern_vit import InternVisionModel, InternViTConfig
 from nanovl.models.projector import pixel_shuffle
 from nanovl.weights import load_weights

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from nanovl.api import load_text_model
+from nanovl.checkpoint import load_text_model
 from nanovl.errors import CheckpointError
 from nanovl.weights import save_weights
 

@@ -31,14 +31,15 @@ from pydantic import ValidationError
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException
 
-from nanovl.api import ImageEmbeds, VisionLanguageModel
+from nanovl.api import VisionLanguageModel
 from nanovl.engine.constrained import compile_constraint
 from nanovl.engine.embed_store import EmbedStore
 from nanovl.engine.sampling import SEED_RANGE
 from nanovl.engine.scheduler import QueueFull, Scheduler
 from nanovl.engine.scheduler import Request as EngineRequest
 from nanovl.errors import NanovlError
-from nanovl.media import DEFAULT_DPI, Page, Video, is_video, load_video, scan_document
+from nanovl.media import DEFAULT_DPI, Page, Video, is_video
+from nanovl.processor import ImageEmbeds, Processor, expand_documents, scan_source
 from nanovl.serve.protocol import (
     APIError,
     ChatRequest,
@@ -136,8 +137,10 @@ def create_app(model, name: str, api_key: str | None = None, max_concurrency: in
     metrics = Metrics()
     limits = limits or Limits()
     allowed = Path(allowed_local_media_path) if allowed_local_media_path else None
-    if isinstance(model, VisionLanguageModel):
-        model.store = EmbedStore(embed_store_bytes, embed_store)
+    processor, store = None, None
+    if isinstance(model, VisionLanguageModel):  # the server's own processor, with the embedding store
+        store = EmbedStore(embed_store_bytes, embed_store)
+        processor = Processor(model.vlm, model.tokenizer, model.path, store)
     # a prompt of more characters than this cannot fit one slot, whatever it tokenises to
     max_chars = sched.max_len * max(len(t) for t in model.tokenizer.tk.get_vocab())
 
@@ -192,7 +195,7 @@ def create_app(model, name: str, api_key: str | None = None, max_concurrency: in
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus():
-        return metrics.render(sched, getattr(model, "store", None))
+        return metrics.render(sched, store)
 
     @app.get("/v1/models")
     async def models():
@@ -287,7 +290,7 @@ def create_app(model, name: str, api_key: str | None = None, max_concurrency: in
                                 "context can take", code="context_length_exceeded")  # fmt: skip
         if not refs:
             return model.tokenizer.encode_chat(messages), None
-        if not isinstance(model, VisionLanguageModel):
+        if processor is None:
             raise APIError(400, f"model {name!r} is text-only: it takes no images, documents or videos")
         media, counts = [], []
         for ref in refs:
@@ -301,15 +304,13 @@ def create_app(model, name: str, api_key: str | None = None, max_concurrency: in
             src = resolve_source(ref.url, allowed, allow_remote_media)
             if isinstance(src, Path) and src.stat().st_size > limits.max_body_bytes:
                 raise APIError(400, f"{ref.url}: larger than the {limits.max_body_bytes} bytes a request may carry")
-            if ref.kind == "video" or (ref.kind == "image" and is_video(src)):
-                if sum(isinstance(m, Video) for m in media) >= limits.max_videos:
-                    raise APIError(400, f"more than {limits.max_videos} videos in one request")
-                media.append(load_video(src, max_pixels=limits.max_image_pixels))
-                counts.append(1)
-            else:
-                pages = scan_document(src, ref.pages, DEFAULT_DPI, limits.max_image_pixels, max_pages=room)
-                media += pages
-                counts.append(len(pages))
+            video = ref.kind == "video" or (ref.kind == "image" and is_video(src))
+            if video and sum(isinstance(m, Video) for m in media) >= limits.max_videos:
+                raise APIError(400, f"more than {limits.max_videos} videos in one request")
+            items = scan_source(src, ref.pages if not video else None, DEFAULT_DPI, limits.max_image_pixels,
+                                max_pages=room, video=video)  # fmt: skip
+            media += items
+            counts.append(len(items))
             if len(media) > limits.max_media:
                 raise APIError(400, f"more than {limits.max_media} images, pages and videos in one request")
         pixels = sum(p.size[0] * p.size[1] for p in media if isinstance(p, Page))
@@ -317,11 +318,7 @@ def create_app(model, name: str, api_key: str | None = None, max_concurrency: in
         if pixels > limits.max_request_pixels:
             raise APIError(400, f"the images and pages of this request hold {pixels / 1e6:.0f} MP, over the "
                                 f"limit of {limits.max_request_pixels / 1e6:.0f} MP")  # fmt: skip
-        it = iter(counts)
-        for m in messages:  # a document part stands for one <image> per page
-            parts = m["content"].split("<document>")
-            m["content"] = parts[0] + "".join("<image>" * next(it) + rest for rest in parts[1:])
-        prompt = model.prepare_chat(messages, media, req.max_tiles, max(reserve, 1))
+        prompt = processor.prepare_chat(expand_documents(messages, counts), media, req.max_tiles, max(reserve, 1))
         return prompt.ids, prompt.embeds
 
     async def collect(er: EngineRequest, q: asyncio.Queue, index: int) -> dict:

@@ -24,11 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from nanovl.errors import DataError
-from nanovl.prompts import PLACEHOLDERS
-from nanovl.tiling import TilePlan, TileSpec, make_tiles, plan_tiles
+from nanovl.media import Page, scan_document
+from nanovl.processor import image_pixels, plan_images
+from nanovl.prompts import PLACEHOLDERS, expand_media
+from nanovl.tiling import TilePlan, TileSpec, plan_tiles
 
 IGNORE = -100
 ROLES = ("system", "user", "assistant")
@@ -181,21 +182,20 @@ def write_shards(records_jsonl: str | Path, out_dir: str | Path, per_shard: int 
     return shards
 
 
-def open_image(src) -> Image.Image:
+def open_page(src) -> Page:
+    """An image of a record as inference reads it (media: EXIF rotation, alpha on white, 16-bit, the
+    pixel cap), sized from its header and decoded when its tiles are made."""
     if isinstance(src, tuple):  # a member of a tar shard
         path, offset, size = src
         with open(path, "rb") as f:
             f.seek(offset)
             data = f.read(size)
-        return Image.open(io.BytesIO(data)).convert("RGB")
-    return Image.open(src).convert("RGB")
-
-
-def image_size(src) -> tuple[int, int]:
-    if isinstance(src, tuple):
-        return open_image(src).size
-    with Image.open(src) as im:
-        return im.size
+        src = data
+    pages = scan_document(src)
+    if len(pages) != 1:
+        raise DataError(f"{src if isinstance(src, Path) else 'a shard member'}: {len(pages)} pages; a record's "
+                        "image must be one image")  # fmt: skip
+    return pages[0]
 
 
 class Encoder:
@@ -208,18 +208,15 @@ class Encoder:
         self.sample_tiles = sample_tiles
 
     def plans(self, record: Record) -> list[TilePlan]:
-        """Tile plans of the record's images: at most max_tiles each and, with a per-sample budget, the
-        per-image budget lowered until all images together fit it (thumbnails count)."""
-        sizes = [image_size(p) for p in record.images]
-        budget = self.max_tiles
-        while True:
-            plans = [plan_tiles(self.tiles, *size, max_tiles=budget) for size in sizes]
-            if self.sample_tiles is None or sum(p.tiles for p in plans) <= self.sample_tiles:
-                return plans
-            if budget <= self.tiles.min_tiles:
-                raise DataError(f"{record.source}: {len(sizes)} images need {sum(p.tiles for p in plans)} tiles "
-                                f"at the least, over sample_tiles {self.sample_tiles}")  # fmt: skip
-            budget -= 1
+        """Tile plans of the record's images (processor.plan_images): at most max_tiles each and, with a
+        per-sample budget, the per-image budget lowered until all images together fit it."""
+        sizes = [open_page(p).size for p in record.images]
+        plans = plan_images(self.tiles, sizes, self.max_tiles, self.sample_tiles)
+        if plans is None:
+            least = sum(plan_tiles(self.tiles, *size, max_tiles=self.tiles.min_tiles).tiles for size in sizes)
+            raise DataError(f"{record.source}: {len(sizes)} images need {least} tiles "
+                            f"at the least, over sample_tiles {self.sample_tiles}")  # fmt: skip
+        return plans
 
     def segments(self, messages: list[dict], where: str) -> list[tuple[str, bool]]:
         """The rendered conversation as (text, trained?) pieces: each assistant turn's own text is
@@ -247,12 +244,10 @@ class Encoder:
             plans = self.plans(record)
         ids, labels, k = [], [], 0
         for text, trained in self.segments(record.messages, record.source):
-            parts = text.split(PLACEHOLDERS["image"])
-            out = [parts[0]]
-            for rest in parts[1:]:
-                out += [self.image_text(plans[k]), rest]
-                k += 1
-            piece = self.tok.encode("".join(out), add_special_tokens=False)
+            n = text.count(PLACEHOLDERS["image"])
+            items = [("image", self.image_text(plan)) for plan in plans[k : k + n]]
+            k += n
+            piece = self.tok.encode(expand_media(text, items), add_special_tokens=False)
             ids += piece
             labels += piece if trained else [IGNORE] * len(piece)
         return Example(record.source, ids, labels[1:] + [IGNORE], record.images, plans)
@@ -308,7 +303,7 @@ def collate(examples: list[Example], tiles: TileSpec | None, seq_len: int, pack:
             positions[b, t : t + n] = torch.arange(n)
             doc[b, t : t + n] = d
             t += n
-            pixels += [make_tiles(open_image(src), tiles, plan) for src, plan in zip(e.images, e.plans)]
+            pixels += [image_pixels(open_page(src), tiles, plan) for src, plan in zip(e.images, e.plans)]
         positions[b, t:] = torch.arange(L - t)
     mask = None
     if any(len(row) > 1 for row in rows):

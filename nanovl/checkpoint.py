@@ -1,0 +1,146 @@
+"""Loading a checkpoint folder: config -> model built on `meta` -> quantized modules swapped in from
+the checkpoint's own quantization config -> weights loaded strictly from its safetensors.
+
+- `load_text_model` builds a language model (or a VLM's language model alone), `load_vlm` a whole
+  vision-language checkpoint, `load_radio` a RADIO encoder alone.
+- The dtype is the checkpoint's unless asked otherwise; float16 becomes bfloat16 (slow on CPUs).
+- `pack=True` is for inference on CPU: bf16 Linear layers prepacked for oneDNN, AWQ layers onto
+  PyTorch's int4 kernel (`fast_cpu_modules`); the model is then for inference only.
+- `tile_spec`, `preprocessor_config` and `generation_defaults` read the other files of the folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from nanovl.config import load_config, read_json
+from nanovl.errors import CheckpointError, RequestError
+from nanovl.models import text_model_class
+from nanovl.models.packed import pack_linears, packing_supported, trim_heap
+from nanovl.models.vlm import VLMS
+from nanovl.weights import checkpoint_index, load_weights, tensor_shapes
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str | None, checkpoint_dtype: str) -> torch.dtype:
+    """None/"auto" -> the checkpoint's dtype, except float16, which is slow on CPUs: bfloat16 instead."""
+    name = checkpoint_dtype if name in (None, "auto") else name
+    if name not in DTYPES:
+        raise RequestError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
+    return torch.bfloat16 if name == "float16" else DTYPES[name]
+
+
+def load_text_model(model_dir: str | Path, dtype: str | None = None, pack: bool = False):
+    """Build the language model of a checkpoint on `meta` and fill it from its safetensors.
+
+    pack: CPU inference swaps (fast_cpu_modules): bf16 Linear layers prepacked for oneDNN, AWQ layers
+    onto PyTorch's int4 kernel. The model is then for inference only.
+    """
+    ckpt = load_config(model_dir)
+    cls = text_model_class(ckpt)
+    index = checkpoint_index(model_dir)
+    torch_dtype = resolve_dtype(dtype, ckpt.text.dtype)
+    with torch.device("meta"):
+        model = cls(ckpt.text)
+        quantize_from_checkpoint(model, model_dir, ckpt.raw, index, ckpt.text_prefix, torch_dtype)
+    optional = {"lm_head.weight": None} if ckpt.text.tie_word_embeddings else {}
+    load_weights(model, model_dir, ckpt.text_prefix, torch_dtype, optional, index=index)
+    model.eval().requires_grad_(False)
+    if pack:
+        fast_cpu_modules(model, torch_dtype)
+    return model, ckpt
+
+
+def load_vlm(model_dir: str | Path, dtype: str | None = None, pack: bool = False, align_corners: bool | None = None):
+    """Build a whole vision-language checkpoint (encoder, projector, LLM) and load it strictly.
+
+    align_corners: RADIO's position-grid interpolation switch (models/radio.py); None keeps the default.
+    """
+    ckpt = load_config(model_dir)
+    cls = VLMS.get(ckpt.architecture)
+    if cls is None:
+        raise CheckpointError(f"{ckpt.architecture} is not a vision-language architecture ({', '.join(VLMS)})")
+    index = checkpoint_index(model_dir)
+    cfg = cls.from_checkpoint(ckpt.raw, ckpt.text, tensor_shapes(index), preprocessor_config(model_dir))
+    if align_corners is not None:
+        if not hasattr(cfg.vision, "align_corners"):
+            raise RequestError(f"align_corners applies to RADIO encoders, not to {ckpt.architecture}")
+        cfg.vision.align_corners = align_corners
+    torch_dtype = resolve_dtype(dtype, ckpt.text.dtype)
+    with torch.device("meta"):
+        vlm = cls(cfg)
+        quantize_from_checkpoint(vlm, model_dir, ckpt.raw, index, "", torch_dtype)  # the LLM, and the vision side
+    load_weights(vlm, model_dir, "", torch_dtype, vlm.optional_weights(), cls.unused_weights, index)
+    vlm.eval().requires_grad_(False)
+    if pack:
+        fast_cpu_modules(vlm.language_model, torch_dtype)
+    return vlm, ckpt
+
+
+def fast_cpu_modules(model, dtype: torch.dtype) -> None:
+    """Inference-only swaps for CPU speed: AWQ int4 layers onto PyTorch's int4 kernel, bf16 Linear
+    layers prepacked for oneDNN (models/packed.py)."""
+    from nanovl.quant import repack_int4
+
+    if model.device.type != "cpu":
+        return
+    repack_int4(model, dtype)
+    if packing_supported(dtype, model.device):
+        pack_linears(model)
+    trim_heap()
+
+
+def load_radio(model_dir: str | Path, prefix: str = "radio_model.", dtype: str = "float32", **overrides):
+    """A RADIO encoder alone (a C-RADIO checkpoint folder, or transformers' RadioModel saved with
+    save_pretrained, whose tensors carry the release names). overrides: RadioConfig fields."""
+    from nanovl.models.radio import RadioConfig, RadioModel
+
+    index = checkpoint_index(model_dir)
+    cfg = RadioConfig.from_hf(read_json(Path(model_dir) / "config.json"), tensor_shapes(index), prefix)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    with torch.device("meta"):
+        model = RadioModel(cfg)
+    ic = "input_conditioner."
+    optional = {ic + "norm_mean": None, ic + "norm_std": None}
+    load_weights(model, model_dir, prefix, DTYPES[dtype], optional, RadioModel.UNUSED, index)
+    return model.eval().requires_grad_(False)
+
+
+def tile_spec(model_dir: str | Path):
+    """How a vision-language checkpoint tiles images, from its config files alone (no weights)."""
+    ckpt = load_config(model_dir)
+    cls = VLMS.get(ckpt.architecture)
+    if cls is None:
+        raise CheckpointError(f"{ckpt.architecture} is not a vision-language architecture ({', '.join(VLMS)})")
+    return cls.tile_spec(ckpt.raw, preprocessor_config(model_dir))
+
+
+def quantize_from_checkpoint(model, model_dir, raw: dict, index: dict, prefix: str, dtype: torch.dtype):
+    """Swap in the quantized modules the checkpoint's files describe (nanovl/quant.py)."""
+    from nanovl.quant import read_quant_config, swap_quantized_embeddings, swap_quantized_linears
+
+    qcfg = read_quant_config(model_dir, raw)
+    if qcfg is None:
+        return
+    if qcfg["int8_embeddings"]:
+        swap_quantized_embeddings(model, set(index), prefix, dtype)
+    swap_quantized_linears(model, qcfg, set(index), prefix)
+
+
+def preprocessor_config(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / "preprocessor_config.json"
+    return read_json(path) if path.is_file() else {}
+
+
+def generation_defaults(model_dir: str | Path) -> dict:
+    """Sampling defaults from generation_config.json (only when it asks for sampling)."""
+    path = Path(model_dir) / "generation_config.json"
+    g = read_json(path) if path.is_file() else {}
+    if not g.get("do_sample"):
+        return {}
+    keys = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+    return {k: g[k] for k in keys if g.get(k) is not None}
