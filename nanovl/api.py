@@ -18,12 +18,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from nanovl.checkpoint import generation_defaults, load_text_model, load_vlm
-from nanovl.config import TextConfig, load_config
+from nanovl.checkpoint import generation_defaults, load_config, load_text_model, load_vlm
+from nanovl.config import TextConfig
 from nanovl.engine import Completion, SamplingParams, generate, stream
 from nanovl.errors import RequestError
 from nanovl.media import DEFAULT_DPI, MAX_PIXELS, Page, Video
-from nanovl.models.vlm import VLMS
+from nanovl.models import is_vlm
 from nanovl.processor import ImagePrompt, Processor, scan_media
 from nanovl.tokenizer import Tokenizer
 
@@ -137,7 +137,7 @@ def load(model_dir: str | Path, dtype: str | None = None, **options) -> TextMode
     and current RADIO; the C-RADIOv2-H remote code reportedly used True).
     """
     arch = load_config(model_dir).architecture
-    if arch in VLMS:
+    if is_vlm(arch):
         return VisionLanguageModel.load(model_dir, dtype, **options)
     if options:
         raise RequestError(f"{', '.join(options)}: options for vision-language checkpoints only")

@@ -6,6 +6,7 @@ the checkpoint's own quantization config -> weights loaded strictly from its saf
 - The dtype is the checkpoint's unless asked otherwise; float16 becomes bfloat16 (slow on CPUs).
 - `pack=True` is for inference on CPU: bf16 Linear layers prepacked for oneDNN, AWQ layers onto
   PyTorch's int4 kernel (`fast_cpu_modules`); the model is then for inference only.
+- `load_config` reads config.json; the registry (nanovl/models/__init__.py) says what it builds.
 - `tile_spec`, `preprocessor_config` and `generation_defaults` read the other files of the folder.
 """
 
@@ -15,14 +16,48 @@ from pathlib import Path
 
 import torch
 
-from nanovl.config import load_config, read_json
+from nanovl.config import CheckpointConfig, read_json
 from nanovl.errors import CheckpointError, RequestError
-from nanovl.models import text_model_class
+from nanovl.models import architecture, text_architecture, text_config_class, text_model_class
 from nanovl.models.packed import pack_linears, packing_supported, trim_heap
-from nanovl.models.vlm import VLMS
 from nanovl.weights import checkpoint_index, load_weights, tensor_shapes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def text_config(d: dict, architecture: str):
+    """A text architecture's config from its (possibly nested) config.json dict."""
+    return text_config_class(architecture).from_hf(d, architecture)
+
+
+def load_config(model_dir: str | Path) -> CheckpointConfig:
+    """config.json -> the top-level architecture and its text config (nested or not)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise CheckpointError(f"model folder {model_dir} does not exist")
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{model_dir} has no config.json: is it a Hugging Face checkpoint folder?")
+    raw = read_json(path)
+    archs = raw.get("architectures") or []
+    if not archs:
+        raise CheckpointError(f"{path} names no `architectures`")
+    nested_key = next((k for k in ("llm_config", "text_config") if isinstance(raw.get(k), dict)), None)
+    if nested_key is None:
+        return CheckpointConfig(archs[0], text_config(raw, archs[0]), "", raw)
+    text = raw[nested_key]
+    text_arch = (text.get("architectures") or [None])[0] or text_architecture(text.get("model_type"))
+    if text_arch is None:
+        raise CheckpointError(f"{path}: `{nested_key}` names no architectures and no known model_type")
+    return CheckpointConfig(archs[0], text_config(text, text_arch), "language_model.", raw)
+
+
+def vlm_class(ckpt: CheckpointConfig):
+    """The VisionLanguageModule class of a checkpoint; an error for a text-only one."""
+    row = architecture(ckpt.architecture)
+    if not row.vlm:
+        raise CheckpointError(f"{ckpt.architecture} is not a vision-language architecture")
+    return row.model
 
 
 def resolve_dtype(name: str | None, checkpoint_dtype: str) -> torch.dtype:
@@ -60,9 +95,7 @@ def load_vlm(model_dir: str | Path, dtype: str | None = None, pack: bool = False
     align_corners: RADIO's position-grid interpolation switch (models/radio.py); None keeps the default.
     """
     ckpt = load_config(model_dir)
-    cls = VLMS.get(ckpt.architecture)
-    if cls is None:
-        raise CheckpointError(f"{ckpt.architecture} is not a vision-language architecture ({', '.join(VLMS)})")
+    cls = vlm_class(ckpt)
     index = checkpoint_index(model_dir)
     cfg = cls.from_checkpoint(ckpt.raw, ckpt.text, tensor_shapes(index), preprocessor_config(model_dir))
     if align_corners is not None:
@@ -113,9 +146,7 @@ def load_radio(model_dir: str | Path, prefix: str = "radio_model.", dtype: str =
 def tile_spec(model_dir: str | Path):
     """How a vision-language checkpoint tiles images, from its config files alone (no weights)."""
     ckpt = load_config(model_dir)
-    cls = VLMS.get(ckpt.architecture)
-    if cls is None:
-        raise CheckpointError(f"{ckpt.architecture} is not a vision-language architecture ({', '.join(VLMS)})")
+    cls = vlm_class(ckpt)
     return cls.tile_spec(ckpt.raw, preprocessor_config(model_dir))
 
 

@@ -309,6 +309,12 @@ def cmd_make_tiny(args):
     print(f"wrote a {'' if args.spec else 'tiny '}random {args.family} checkpoint to {out}")
 
 
+def tiny_families() -> list[str]:
+    from nanovl.tiny import ALL_FAMILIES  # the registry's presets
+
+    return ALL_FAMILIES
+
+
 # make-tiny --spec: a JSON object with any of these (tokenizer_corpus: synthetic documents per kind)
 SPEC_FIELDS = ("size", "vision", "image_size", "max_tiles", "top", "tokenizer_vocab", "tokenizer_corpus")
 
@@ -418,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("make-tiny", help="write a tiny random checkpoint in the HF layout (tests, benchmarks)")
-    p.add_argument("family", help="llama | qwen2 | nemotron-nano-vl-v1 | nvlm-d")
+    p.add_argument("family", help=" | ".join(tiny_families()))
     p.add_argument("outdir")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--seed", type=int, default=0)

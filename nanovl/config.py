@@ -116,6 +116,11 @@ class TextConfig:
         if self.hidden_act != "silu":
             raise CheckpointError(f"hidden_act {self.hidden_act!r} is not supported (supported: silu)")
 
+    @property
+    def pattern(self) -> str:
+        """The layer pattern in Nemotron-H's letters: every layer attends."""
+        return "*" * self.num_hidden_layers
+
 
 LAYER_CODES = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
 LAYER_TYPE_NAMES = {
@@ -217,10 +222,6 @@ class NemotronHConfig:
         return len(self.pattern)
 
 
-# config class by text architecture (TextConfig for the Llama-style decoders)
-TEXT_CONFIGS = {"NemotronHForCausalLM": NemotronHConfig}
-
-
 @dataclass
 class CheckpointConfig:
     """What a checkpoint folder holds: the top-level architecture and its language model."""
@@ -231,41 +232,8 @@ class CheckpointConfig:
     raw: dict  # the whole config.json, for the parts later modules read
 
 
-# Fallback when a nested text config names no `architectures` (dispatch prefers `architectures`).
-TEXT_ARCH_BY_MODEL_TYPE = {
-    "llama": "LlamaForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "nemotron_h": "NemotronHForCausalLM",
-}
-
-
-def text_config(d: dict, architecture: str):
-    return TEXT_CONFIGS.get(architecture, TextConfig).from_hf(d, architecture)
-
-
 def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from None
-
-
-def load_config(model_dir: str | Path) -> CheckpointConfig:
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise CheckpointError(f"model folder {model_dir} does not exist")
-    path = model_dir / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{model_dir} has no config.json: is it a Hugging Face checkpoint folder?")
-    raw = read_json(path)
-    archs = raw.get("architectures") or []
-    if not archs:
-        raise CheckpointError(f"{path} names no `architectures`")
-    nested_key = next((k for k in ("llm_config", "text_config") if isinstance(raw.get(k), dict)), None)
-    if nested_key is None:
-        return CheckpointConfig(archs[0], text_config(raw, archs[0]), "", raw)
-    text = raw[nested_key]
-    text_arch = (text.get("architectures") or [None])[0] or TEXT_ARCH_BY_MODEL_TYPE.get(text.get("model_type"))
-    if text_arch is None:
-        raise CheckpointError(f"{path}: `{nested_key}` names no architectures and no known model_type")
-    return CheckpointConfig(archs[0], text_config(text, text_arch), "language_model.", raw)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from nanovl.config import text_config
-from nanovl.models import TEXT_MODELS
+from nanovl.checkpoint import text_config
+from nanovl.models import REGISTRY
 from nanovl.weights import save_weights
 
 # Sentences to train the tiny tokenizer on; accents, CJK and emoji give it multi-byte merges.
@@ -314,7 +314,7 @@ VLM_FAMILIES["nemotron-nano-vl-v2"] = {
         "max_dynamic_patch": 12,
     },
 }
-ALL_FAMILIES = [*FAMILIES, *VLM_FAMILIES]
+ALL_FAMILIES = [row.tiny for row in REGISTRY.values()]  # one preset per registered architecture
 VLM_CONTEXT = 16384  # the 8B's context: room for many tiles
 
 
@@ -410,25 +410,13 @@ def _meta_model(out: Path, hf: dict, text_arch: str):
     """The model whose shapes the checkpoint needs, on meta (a VLM reads some sizes from tensor shapes,
     which are given here from the config)."""
     text_cfg = text_config(hf.get("llm_config", hf), text_arch)
+    cls = REGISTRY[hf["architectures"][0]].model
     with torch.device("meta"):
         if "llm_config" not in hf:
-            return TEXT_MODELS[text_arch](text_cfg)
-        from nanovl.models.vlm import VLMS
-
-        cls = VLMS[hf["architectures"][0]]
-        v = hf["vision_config"]
-        shapes = {"mlp1.1.weight": (hf.get("projector_hidden_size") or text_cfg.intermediate_size, 0)}
-        if cls.vision_prefix.startswith("vision_model.radio_model"):
-            pg = cls.vision_prefix + "model.patch_generator."
-            grid = v["args"]["cpe_max_size"] // v["patch_size"]
-            shapes[pg + "cls_token.token"] = (8, v["hidden_size"])  # 4 CLS + 4 registers, as C-RADIOv2-H
-            shapes[pg + "pos_embed"] = (1, grid * grid, v["hidden_size"])
-        pre = (
-            json.loads((out / "preprocessor_config.json").read_text())
-            if (out / "preprocessor_config.json").is_file()
-            else {}
-        )
-        return cls(cls.from_checkpoint(hf, text_cfg, shapes, pre))
+            return cls(text_cfg)
+        pre_path = out / "preprocessor_config.json"
+        pre = json.loads(pre_path.read_text()) if pre_path.is_file() else {}
+        return cls(cls.from_checkpoint(hf, text_cfg, cls.config_shapes(hf, text_cfg), pre))
 
 
 def random_state(model, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from nanovl.config import load_config
+from nanovl.checkpoint import load_config
 from nanovl.errors import CheckpointError
 from nanovl.models import text_model_class
 from nanovl.models.qwen2 import Qwen2ForCausalLM

@@ -223,7 +223,7 @@ class Scheduler:
             admitted.append((req, self.free.pop()))
         # Mamba layers need each prompt alone (padding would decay their state); attention-only
         # models prefill the text-only newcomers together, right-padded.
-        together = [(r, s) for r, s in admitted if r.embeds is None] if not self.cache.mamba_slot else []
+        together = [(r, s) for r, s in admitted if r.embeds is None] if not self.model.recurrent else []
         if len(together) < 2:
             together = []
         batched = set()
@@ -342,6 +342,6 @@ class Scheduler:
 def kv_bytes_per_token(model) -> int:
     """Bytes of keys and values one token takes in the cache, over every attention layer."""
     cfg = model.config
-    layers = getattr(cfg, "pattern", "*" * cfg.num_hidden_layers).count("*")
+    layers = cfg.pattern.count("*")
     return max(layers * 2 * cfg.num_key_value_heads * cfg.head_dim * model.dtype.itemsize, 1)
 

@@ -1,8 +1,13 @@
 """Preallocated caches: keys/values of attention layers, and the conv / SSM state of Mamba layers.
 
-Prompts in a batch are left-padded to one length, so all rows write the same slot each step and
-`pos` is shared; the engine masks the padding slots. `update` writes in place and returns views up to
-the filled length, so attention never reads unused slots and nothing grows by concatenation.
+- `KVCache` / `HybridCache` (engine/generate.py): the prompts of a batch are left-padded to one
+  length, so all rows write the same slot each step and `pos` is shared; the engine masks the
+  padding slots.
+- `SlotCache` (engine/scheduler.py): each request owns a slot with its own length; a forward runs on
+  the slots in use, each at its own position, masked to its own keys.
+- `update` writes in place and returns views up to the filled length, so attention never reads
+  unused slots and nothing grows by concatenation. The layer pattern comes from the config
+  (`cfg.pattern`: "*" attention, "M" Mamba).
 """
 
 from __future__ import annotations
@@ -90,9 +95,8 @@ class SlotCache:
     (every layer attends) and Nemotron-H (attention and Mamba layers by the pattern)."""
 
     def __init__(self, cfg, slots: int, max_len: int, dtype, device=None):
-        pattern = getattr(cfg, "pattern", "*" * cfg.num_hidden_layers)
-        attn = [i for i, c in enumerate(pattern) if c == "*"]
-        mamba = [i for i, c in enumerate(pattern) if c == "M"]
+        attn = [i for i, c in enumerate(cfg.pattern) if c == "*"]
+        mamba = [i for i, c in enumerate(cfg.pattern) if c == "M"]
         self.kv_slot = {layer: j for j, layer in enumerate(attn)}
         self.mamba_slot = {layer: j for j, layer in enumerate(mamba)}
         shape = (len(attn), slots, cfg.num_key_value_heads, max_len, cfg.head_dim)

@@ -43,6 +43,8 @@ class DecoderModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    recurrent = False  # no state beyond the KV cache: prompts may share a padded or packed row
+
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.config = cfg

@@ -240,6 +240,8 @@ class Backbone(nn.Module):
 
 
 class NemotronHForCausalLM(nn.Module):
+    recurrent = True  # Mamba state: padding would decay it and packed samples would share it
+
     def __init__(self, cfg: NemotronHConfig):
         super().__init__()
         self.config = cfg

@@ -63,12 +63,15 @@ def tile_geometry(raw: dict, default_patch: int) -> tuple[int, int]:
     return size, int((size // patch) ** 2 * raw.get("downsample_ratio", 0.5) ** 2)
 
 
-class VisionLanguageModel(nn.Module):
+class VisionLanguageModule(nn.Module):
     """Shared glue; subclasses set the parts and the prompt format."""
 
     context_token: str  # the token the image embeddings replace
     text_class: type
     vision_prefix: str  # weight-name prefix of the encoder inside the checkpoint
+    tile_rule: str  # tiling.py's grid rule
+    patch_size: int  # the encoder's patch when the vision config names none
+    family: str  # the release, in warnings about documented defaults
 
     def __init__(self, cfg: VLMConfig):
         super().__init__()
@@ -90,6 +93,32 @@ class VisionLanguageModel(nn.Module):
             ps_version=_first([("config.json", raw)], "ps_version", "v1", "InternVL config class"),
             projector_hidden_size=proj[0],
         )
+
+    @classmethod
+    def tile_spec(cls, raw: dict, pre: dict) -> TileSpec:
+        """How the checkpoint tiles images, from config.json and preprocessor_config.json."""
+        size, tokens = tile_geometry(raw, cls.patch_size)
+        sources, min_tiles, max_tiles = cls.tile_limits(raw, pre)
+        return TileSpec(rule=cls.tile_rule, tile_size=size, min_tiles=min_tiles, max_tiles=max_tiles,
+                        use_thumbnail=_first(sources, "use_thumbnail", True, cls.family), tokens_per_tile=tokens,
+                        **cls.normalisation(raw))  # fmt: skip
+
+    @classmethod
+    def tile_limits(cls, raw: dict, pre: dict) -> tuple[list[tuple[str, dict]], int, int]:
+        """(where to read use_thumbnail, min tiles, max tiles), as the family's processor reads them."""
+        sources = [("config.json", raw)]
+        return sources, raw.get("min_dynamic_patch") or 1, _first(sources, "max_dynamic_patch", 12, cls.family)
+
+    @staticmethod
+    def normalisation(raw: dict) -> dict:
+        """TileSpec fields for the processor's pixel normalisation (none: the encoder's own)."""
+        return {}
+
+    @classmethod
+    def config_shapes(cls, raw: dict, text: TextConfig) -> dict:
+        """The tensor shapes `from_checkpoint` reads, derived from config.json alone (to build a random
+        checkpoint of this family without one)."""
+        return {"mlp1.1.weight": (raw.get("projector_hidden_size") or text.intermediate_size, 0)}
 
     def vision_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """(tiles, 3, S, S) -> pre-projector features after pixel shuffle (tiles, tokens, 4C)."""
@@ -122,13 +151,14 @@ class RadioTower(nn.Module):
         return self.radio_model(pixels)
 
 
-class NemotronNanoVL(VisionLanguageModel):
+class NemotronNanoVL(VisionLanguageModule):
     """Llama_Nemotron_Nano_VL: RADIO + Llama-3.1."""
 
     context_token = "<image>"
     text_class = LlamaForCausalLM
     vision_prefix = "vision_model.radio_model."
     unused_weights = RadioModel.UNUSED
+    tile_rule, patch_size, family = "nano_vl", 16, "Nano-VL-8B"
 
     def __init__(self, cfg: VLMConfig):
         super().__init__(cfg)
@@ -136,19 +166,21 @@ class NemotronNanoVL(VisionLanguageModel):
         width = cfg.vision.hidden_size * round(1 / cfg.downsample_ratio) ** 2
         self.mlp1 = mlp1_nano_vl(width, cfg.projector_hidden_size, cfg.text.hidden_size)
 
-    @staticmethod
-    def tile_spec(raw: dict, pre: dict) -> TileSpec:
-        size, tokens = tile_geometry(raw, default_patch=16)
+    @classmethod
+    def tile_limits(cls, raw: dict, pre: dict):
         sources = [("preprocessor_config.json", pre), ("config.json", raw)]
-        max_tiles = pre.get("max_num_tiles") or _first(sources, "max_dynamic_patch", 12, "Nano-VL-8B")
-        return TileSpec(
-            rule="nano_vl",
-            tile_size=size,
-            min_tiles=pre.get("min_num_tiles") or raw.get("min_dynamic_patch") or 1,
-            max_tiles=max_tiles,
-            use_thumbnail=_first(sources, "use_thumbnail", True, "Nano-VL-8B"),
-            tokens_per_tile=tokens,
-        )
+        max_tiles = pre.get("max_num_tiles") or _first(sources, "max_dynamic_patch", 12, cls.family)
+        return sources, pre.get("min_num_tiles") or raw.get("min_dynamic_patch") or 1, max_tiles
+
+    @classmethod
+    def config_shapes(cls, raw: dict, text: TextConfig) -> dict:
+        v = raw["vision_config"]
+        pg, grid = cls.vision_prefix + "model.patch_generator.", v["args"]["cpe_max_size"] // v["patch_size"]
+        return {
+            **super().config_shapes(raw, text),
+            pg + "cls_token.token": (8, v["hidden_size"]),  # 4 CLS + 4 registers, as C-RADIOv2-H
+            pg + "pos_embed": (1, grid * grid, v["hidden_size"]),
+        }
 
     @staticmethod
     def vision_config(raw: dict, shapes: dict) -> RadioConfig:
@@ -166,13 +198,14 @@ class NemotronNanoVL(VisionLanguageModel):
         return {**super().optional_weights(), **clip}
 
 
-class NVLMD(VisionLanguageModel):
+class NVLMD(VisionLanguageModule):
     """NVLM_D: InternViT + Qwen2."""
 
     context_token = "<|vision_pad|>"
     text_class = Qwen2ForCausalLM
     vision_prefix = "vision_model."
     unused_weights = ()
+    tile_rule, patch_size, family = "internvl", 14, "NVLM-D"
 
     def __init__(self, cfg: VLMConfig):
         super().__init__(cfg)
@@ -180,22 +213,16 @@ class NVLMD(VisionLanguageModel):
         width = cfg.vision.hidden_size * round(1 / cfg.downsample_ratio) ** 2
         self.mlp1 = mlp1_nvlm(width, cfg.projector_hidden_size, cfg.text.hidden_size)
 
-    @staticmethod
-    def tile_spec(raw: dict, pre: dict) -> TileSpec:
-        size, tokens = tile_geometry(raw, default_patch=14)
-        dynamic = raw.get("dynamic_image_size", True)
+    @classmethod
+    def tile_limits(cls, raw: dict, pre: dict):
         sources = [("config.json", raw)]
-        max_tiles = _first(sources, "max_dynamic_patch", 6, "NVLM-D") if dynamic else 1
-        return TileSpec(
-            rule="internvl",
-            tile_size=size,
-            min_tiles=(raw.get("min_dynamic_patch") or 1) if dynamic else 1,
-            max_tiles=max_tiles,
-            use_thumbnail=_first(sources, "use_thumbnail", True, "NVLM-D"),
-            tokens_per_tile=tokens,
-            mean=IMAGENET_MEAN,
-            std=IMAGENET_STD,
-        )
+        if not raw.get("dynamic_image_size", True):
+            return sources, 1, 1
+        return sources, raw.get("min_dynamic_patch") or 1, _first(sources, "max_dynamic_patch", 6, cls.family)
+
+    @staticmethod
+    def normalisation(raw: dict) -> dict:
+        return {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
 
     @staticmethod
     def vision_config(raw: dict, shapes: dict) -> InternViTConfig:
@@ -220,9 +247,10 @@ class NemotronNanoVLV2(NemotronNanoVL):
 
     text_class = NemotronHForCausalLM
     unused_weights = RadioModel.UNUSED + (r"radio_model\.input_conditioner\.",)  # vLLM skips them too
+    tile_rule, family = "internvl", "Nano-VL-12B-V2"
 
     def __init__(self, cfg: VLMConfig):
-        VisionLanguageModel.__init__(self, cfg)
+        VisionLanguageModule.__init__(self, cfg)
         self.vision_model = RadioTower(cfg.vision)
         width = cfg.vision.hidden_size * round(1 / cfg.downsample_ratio) ** 2
         self.mlp1 = mlp1_nano_vl_v2(width, cfg.projector_hidden_size, cfg.text.hidden_size)
@@ -233,30 +261,20 @@ class NemotronNanoVLV2(NemotronNanoVL):
         cfg.conditioner = False  # the processor normalises
         return cfg
 
+    @classmethod
+    def tile_limits(cls, raw: dict, pre: dict):
+        sources = [("config.json", raw), ("preprocessor_config.json", pre)]
+        return sources, raw.get("min_dynamic_patch") or 1, _first(sources, "max_dynamic_patch", 12, cls.family)
+
     @staticmethod
-    def tile_spec(raw: dict, pre: dict) -> TileSpec:
-        size, tokens = tile_geometry(raw, default_patch=16)
+    def normalisation(raw: dict) -> dict:
         missing = [k for k in ("norm_mean", "norm_std") if not raw.get(k)]
         if missing:
             raise CheckpointError(f"config.json lacks {' and '.join(missing)}, which the V2 processor normalises with")
-        sources = [("config.json", raw), ("preprocessor_config.json", pre)]
-        return TileSpec(
-            rule="internvl",
-            tile_size=size,
-            min_tiles=raw.get("min_dynamic_patch") or 1,
-            max_tiles=_first(sources, "max_dynamic_patch", 12, "Nano-VL-12B-V2"),
-            use_thumbnail=_first(sources, "use_thumbnail", True, "Nano-VL-12B-V2"),
-            tokens_per_tile=tokens,
-            mean=tuple(raw["norm_mean"]),
-            std=tuple(raw["norm_std"]),
-            resize="torch",
-        )
+        return {"mean": tuple(raw["norm_mean"]), "std": tuple(raw["norm_std"]), "resize": "torch"}
 
     def optional_weights(self) -> dict:
-        return VisionLanguageModel.optional_weights(self)
-
-
-VLMS = {"Llama_Nemotron_Nano_VL": NemotronNanoVL, "NVLM_D": NVLMD, "NemotronH_Nano_VL_V2": NemotronNanoVLV2}
+        return VisionLanguageModule.optional_weights(self)
 
 
 def merge_embeddings(text_embeds: torch.Tensor, ids: torch.Tensor, context_id: int, image_embeds: torch.Tensor):
