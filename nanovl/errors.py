@@ -2,7 +2,8 @@
 
 Every problem a user can cause (a bad folder, a bad file, a bad request) raises `NanovlError` with a
 one-line message that says what is wrong and, where it helps, what to do. The CLI prints the message
-and exits non-zero; the server (later) turns it into an HTTP error. Bugs stay ordinary exceptions.
+and exits non-zero; the server answers it with an HTTP 400 in OpenAI's error shape. Bugs stay
+ordinary exceptions.
 """
 
 

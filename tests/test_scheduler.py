@@ -8,6 +8,7 @@ import torch
 from nanovl.checkpoint import load_text_model
 from nanovl.engine import SamplingParams, generate
 from nanovl.engine.scheduler import QueueFull, Request, Scheduler
+from nanovl.errors import RequestError
 from nanovl.tokenizer import Tokenizer
 
 
@@ -98,7 +99,7 @@ def test_logprobs_and_limits(model):
     assert req.finish_reason == "length" and len(req.prompt) + len(req.output) == 30  # the slot's capacity
     lp = deltas[0].logprobs
     assert lp["token"] == req.output[0] and len(lp["top"]) == 3 and lp["top"][0][0] == req.output[0]  # greedy
-    with pytest.raises(Exception, match="context is 30 tokens"):
+    with pytest.raises(RequestError, match="context is 30 tokens"):
         sched.submit(request(list(range(30)), SamplingParams()))
 
 
@@ -206,8 +207,6 @@ def test_a_dead_loop_is_reported_and_revived(tiny_llama):
     ],
 )
 def test_values_that_would_fail_later_are_refused(fields, message):
-    from nanovl.errors import RequestError
-
     with pytest.raises(RequestError, match=message):
         SamplingParams(**fields)
 
@@ -221,5 +220,5 @@ def test_sampling_stays_finite_at_extreme_values():
     big = SamplingParams(temperature=1.0, seed=(1 << 64) - 1)  # the largest seed a generator takes
 
     assert sample(logits, big, make_generator(big, "cpu")).shape == (2,)
-    with pytest.raises(Exception, match="no token is allowed"):
+    with pytest.raises(RequestError, match="no token is allowed"):
         sample(torch.full((1, 4), float("-inf")), SamplingParams(temperature=1.0), torch.Generator())

@@ -6,8 +6,9 @@
   `llama3` scaling follows Meta's Llama-3.1 rule: wavelengths longer than
   original_max_position / low_freq_factor are divided by `factor`, shorter than
   original_max_position / high_freq_factor are kept, and the band between is interpolated smoothly.
-- Attention reads and writes an explicit cache object (`update(layer, k, v) -> (k_all, v_all)`),
-  defined by the engine; the model never grows state by concatenation.
+- Attention reads and writes an explicit cache object (`update(layer, k, v) -> (k_all, v_all)`,
+  models/cache.py), made by the model and passed in by the engine; the model never grows state by
+  concatenation.
 """
 
 from __future__ import annotations
