@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import load_file
 
 from nanovl.errors import DataError
+from nanovl.synth import write_dataset
 from nanovl.tiny import write_checkpoint
 from nanovl.train.config import load_train_config
 from nanovl.train.data import Encoder, Skips, collate, read_records, write_shards
-from nanovl.train.records import write_dataset
 from nanovl.train.trainer import TrainModel, build_model, train
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

@@ -34,10 +34,9 @@ from torch import nn
 from tqdm import tqdm
 
 from nanovl.errors import DataError
+from nanovl.synth import EVAL_SEED_START, KINDS, Page, degrade, make_doc, rotate_points
 from nanovl.tiling import TilePlan, TileSpec, make_tiles, plan_tiles
 from nanovl.train.config import TrainConfig, config_dict
-from nanovl.train.render import Page, degrade, rotate_points
-from nanovl.train.synth import EVAL_SEED_START, KINDS, make_doc
 from nanovl.train.trainer import (
     Checkpoints,
     Stop,
