@@ -94,8 +94,8 @@ def test_stage_freezing_is_real(work):
 
 def test_lora_merge_equals_adapter_inference(work, tmp_path):
     from nanovl.api import load_vlm
+    from nanovl.train.export import merge_checkpoint
     from nanovl.train.lora import load_adapter
-    from nanovl.train.trainer import merge_checkpoint
 
     cfg = config(work, "lora", steps=4, lora={"rank": 4, "alpha": 8, "projector": True})
     train(load_train_config(cfg))

@@ -44,7 +44,7 @@ def cmd_train(args):
 
 
 def cmd_merge_lora(args):
-    from nanovl.train.trainer import merge_checkpoint
+    from nanovl.train.export import merge_checkpoint
 
     out = merge_checkpoint(args.adapter, args.out, args.base)
     print(f"wrote the merged checkpoint to {out}")
