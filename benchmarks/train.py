@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
+from nanovl.synth import write_dataset
 from nanovl.tiny import write_checkpoint
 from nanovl.train.config import load_train_config
 from nanovl.train.data import collate, read_records
-from nanovl.train.records import write_dataset
 from nanovl.train.trainer import build_model, train
 
 WARMUP = 2

@@ -299,7 +299,7 @@ def cmd_make_tiny(args):
             raise NanovlError(f"{args.spec}: unknown field {sorted(unknown)[0]!r} (known: {', '.join(SPEC_FIELDS)})")
     corpus = None
     if spec.get("tokenizer_corpus"):
-        from nanovl.train.synth import text_corpus
+        from nanovl.synth import text_corpus
 
         corpus = text_corpus(int(spec["tokenizer_corpus"]))
     out = write_checkpoint(args.family, args.outdir, size=spec.get("size"), dtype=args.dtype, seed=args.seed,

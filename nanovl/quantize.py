@@ -41,7 +41,7 @@ DEFAULT_TEXT = [
 
 def synthdocs_texts(count: int) -> list[str]:
     """Document text from nanovl's synthetic generator (training seeds): transcriptions and QA turns."""
-    from nanovl.train.synth import KINDS, make_doc
+    from nanovl.synth import KINDS, make_doc
 
     out: list[str] = []
     seed = 0
@@ -179,8 +179,8 @@ def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def calibration_pixels(vlm, count: int, offset: int = 0) -> torch.Tensor:
     """Tiles of synthetic document pages, tiled as the checkpoint tiles them (vision calibration)."""
+    from nanovl.synth import KINDS, make_doc
     from nanovl.tiling import make_tiles, plan_tiles
-    from nanovl.train.synth import KINDS, make_doc
 
     spec, tiles = vlm.config.tiles, []
     for k in range(count):

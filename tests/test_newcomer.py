@@ -63,9 +63,9 @@ def readme_train_commands() -> list[list[str]]:
 def test_readme_train_commands_fit_the_configs(tmp_path):
     """Every folder a config of the README's Train block starts from is made by an earlier command,
     its data is what the README's `nanovl synth` writes, and every sample fits the stage's seq_len."""
+    from nanovl.synth import write_dataset
     from nanovl.train.config import load_train_config
     from nanovl.train.data import Skips, read_records
-    from nanovl.train.records import write_dataset
     from nanovl.train.trainer import build_model, encode_all
 
     made, synth, configs = set(), None, []

@@ -240,7 +240,7 @@ def test_awq_with_int8_embeddings_loads(tiny_llama, tmp_path):
 def test_quantize_reports_the_score_change(tiny_vlm, tmp_path, capsys):
     """--eval: the original and the quantized VLM answer a held-out synthdocs set; the report gives
     both scores and the change, and each side's predictions are kept for every item."""
-    from nanovl.train.records import write_dataset
+    from nanovl.synth import write_dataset
 
     write_dataset(tmp_path / "ev", 1, ["receipt", "bar_chart"], split="eval")
     data = tmp_path / "ev" / "eval.jsonl"

@@ -12,9 +12,9 @@ import re
 import pytest
 
 from nanovl.errors import NanovlError
-from nanovl.train.records import text_instruction, write_dataset
-from nanovl.train.render import item_matches
-from nanovl.train.synth import EVAL_SEED_START, KINDS, make_doc
+from nanovl.synth import EVAL_SEED_START, KINDS, make_doc, write_dataset
+from nanovl.synth.records import text_instruction
+from nanovl.synth.render import item_matches
 
 SEEDS = [0, 7, 123]
 
@@ -199,7 +199,7 @@ def test_text_instructions_are_deterministic_and_right():
 
 
 def test_qa_conversations_hold_every_question_in_a_varying_order():
-    from nanovl.train.records import doc_records
+    from nanovl.synth.records import doc_records
 
     firsts = set()
     for seed in range(8):

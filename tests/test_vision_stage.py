@@ -13,12 +13,11 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 from nanovl.errors import DataError
+from nanovl.synth import KINDS, make_doc, rotate_points, write_dataset
+from nanovl.synth.records import crop_text
 from nanovl.tiling import TileSpec, make_tiles, plan_tiles
 from nanovl.tiny import write_checkpoint
 from nanovl.train.config import load_train_config
-from nanovl.train.records import crop_text, write_dataset
-from nanovl.train.render import rotate_points
-from nanovl.train.synth import KINDS, make_doc
 from nanovl.train.trainer import train
 from nanovl.train.vision import SLOTS, page_chars, patch_targets
 

@@ -7,9 +7,8 @@ import json
 
 
 def cmd_synth(args):
+    from nanovl.synth import KINDS, write_dataset
     from nanovl.train.data import write_shards
-    from nanovl.train.records import write_dataset
-    from nanovl.train.synth import KINDS
 
     kinds = args.kinds.split(",") if args.kinds else list(KINDS)
     counts = write_dataset(
@@ -45,14 +44,14 @@ def cmd_train(args):
 
 
 def cmd_merge_lora(args):
-    from nanovl.train.trainer import merge_checkpoint
+    from nanovl.train.export import merge_checkpoint
 
     out = merge_checkpoint(args.adapter, args.out, args.base)
     print(f"wrote the merged checkpoint to {out}")
 
 
 def add_train_commands(sub: argparse._SubParsersAction):
-    from nanovl.train.records import TASKS
+    from nanovl.synth import TASKS
 
     p = sub.add_parser("synth", help="render synthetic documents with ground truth, as training conversations")
     p.add_argument("out", help="output folder: images/ and one JSONL per task (" + ", ".join(TASKS) + ")")

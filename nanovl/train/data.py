@@ -1,6 +1,6 @@
 """Training data: conversation records -> token ids, loss labels and tiles -> packed micro-batches.
 
-- Records are JSON lines {"images": [...], "messages": [...]} (records.py writes them), or
+- Records are JSON lines {"images": [...], "messages": [...]} (nanovl/synth/records.py writes them), or
   WebDataset-style tar shards where sample KEY is KEY.json (the record) plus the image members it
   names. Every record is checked when the set is opened; a bad one is an error naming file and line
   (or shard and key), or, with skip_bad, a counted skip.

@@ -6,7 +6,7 @@ sample's own page equalled the loss with another sample's page). A dense objecti
 its own target, so the glyph detail has to be in the features.
 
 - Data (`data = ["synthdocs"]`): synthetic pages from the generator, training seeds only, rendered on
-  the fly, degraded by `render.degrade` and tiled by the checkpoint's own rule. The clean page knows
+  the fly, degraded by `nanovl.synth.degrade` and tiled by the checkpoint's own rule. The clean page knows
   every character it drew and where (`TextItem.chars`); the positions follow the rotation.
 - Target: for each patch of each grid tile (the thumbnail is left out: its text is too small to
   label), the characters whose centres fall in it, in reading order (line, then x), in `SLOTS` slots
@@ -15,6 +15,8 @@ its own target, so the glyph detail has to be in the features.
 - Step s renders from `random.Random(f"vision:{seed}:{s}")`: a resumed run trains on the same pages.
 - At every save: slot accuracy on the characters of held-out pages (evaluation seeds), in metrics.jsonl.
 - OUT/model is the starting checkpoint with the trained encoder; the head stays in the checkpoints.
+- What it feeds the shared loop (nanovl/train/loop.py: optimizer, lr schedule, clipping, metrics,
+  checkpoints, SIGTERM, resumption): `VisionStage`, one process (the stage is small).
 """
 
 from __future__ import annotations
@@ -22,34 +24,18 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
-import sys
-import time
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from nanovl.errors import DataError
+from nanovl.synth import EVAL_SEED_START, KINDS, Page, degrade, make_doc, rotate_points
 from nanovl.tiling import TilePlan, TileSpec, make_tiles, plan_tiles
 from nanovl.train.config import TrainConfig, config_dict
-from nanovl.train.render import Page, degrade, rotate_points
-from nanovl.train.synth import EVAL_SEED_START, KINDS, make_doc
-from nanovl.train.trainer import (
-    Checkpoints,
-    Stop,
-    adamw,
-    export_model,
-    last_loss,
-    lr_at,
-    plot_losses,
-    setup_distributed,
-    truncate_metrics,
-    use_bf16,
-)
+from nanovl.train.export import export_model
+from nanovl.train.loop import Run, Stage
 
 CHARSET = "".join(chr(c) for c in range(33, 127)) + "£€"  # printable ASCII but the space
 CHAR_ID = {c: i + 1 for i, c in enumerate(CHARSET)}  # 0 = empty slot
@@ -148,18 +134,44 @@ class CharHead(nn.Module):
         return right / max(total, 1)
 
 
+class VisionStage(Stage):
+    """One optimizer step of the vision stage: the step's rendered tiles, their character loss; the
+    held-out character accuracy at every checkpoint."""
+
+    def __init__(self, run: Run, model: CharHead, spec: TileSpec, patch: int, val: tuple[torch.Tensor, torch.Tensor]):
+        self.run, self.model, self.spec, self.patch = run, model, spec, patch
+        self.val_x, self.val_y = val  # (tiles, 3, S, S), (tiles, patches, SLOTS)
+
+    def step(self, step: int) -> dict[str, float]:
+        pixels, targets = step_batch(step, self.run.cfg, self.spec, self.patch)
+        with self.run.autocast():
+            part = self.model(pixels.to(self.run.device), targets.to(self.run.device))
+        part.backward()
+        return {"loss": part.item()}
+
+    def report(self, totals: dict[str, float], dt: float) -> tuple[float, dict]:
+        return totals["loss"], {"tiles_per_s": self.run.cfg.batch_size / dt}
+
+    def at_save(self) -> dict:
+        self.model.eval()
+        accuracy = self.model.char_accuracy(self.val_x.to(self.run.device), self.val_y.to(self.run.device))
+        self.model.train()
+        return {"val_char_acc": accuracy}
+
+    def postfix(self, row: dict) -> dict:
+        return {"char_acc": f"{row['val_char_acc']:.3f}"} if "val_char_acc" in row else {}
+
+
 def train_vision(cfg: TrainConfig, restart: bool = False) -> dict:
     """The vision stage (see the module docstring); resumable like every stage."""
-    from nanovl.api import load_vlm
-    from nanovl.config import load_config
-    from nanovl.models.vlm import VLMS
+    from nanovl.checkpoint import load_config, load_vlm
+    from nanovl.models import is_vlm
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise DataError("stage vision runs in one process (it is small); start it without torchrun")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    run = Run(cfg, restart)
     ckpt = load_config(cfg.model)
-    if ckpt.architecture not in VLMS:
+    if not is_vlm(ckpt.architecture):
         raise DataError(f"{cfg.model}: stage vision needs a vision-language checkpoint, not {ckpt.architecture}")
     vlm, _ = load_vlm(cfg.model, dtype="float32")
     spec, patch, width = vlm.config.tiles, vlm.config.vision.patch_size, vlm.config.vision.hidden_size
@@ -167,69 +179,15 @@ def train_vision(cfg: TrainConfig, restart: bool = False) -> dict:
     vlm.vision_model.requires_grad_(True)
     torch.manual_seed(cfg.seed)
     model = CharHead(vlm.vision_model, width)
-    _, _, device = setup_distributed(cfg)  # one process (checked above): picks the device
-    model.to(device).train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = adamw(trainable, cfg)
-    out = Path(cfg.out)
-    ckpts = Checkpoints(out, cfg.keep)
-    if restart:
-        shutil.rmtree(ckpts.dir, ignore_errors=True)
-        (out / "metrics.jsonl").unlink(missing_ok=True)
     info = {"config": config_dict(cfg), "world": 1, "charset": CHARSET, "slots": SLOTS}
-    start = ckpts.resume(model, opt, info)
-    out.mkdir(parents=True, exist_ok=True)
-    metrics = out / "metrics.jsonl"
-    truncate_metrics(metrics, start)
-    bf16 = use_bf16(cfg.bf16, device)
-    val_x, val_y = eval_set(spec, patch, cfg.max_tiles)
-    n_train = sum(p.numel() for p in trainable)
-    print(f"nanovl train: stage vision, {n_train:,} parameters trainable (encoder + character head), "
-          f"{cfg.batch_size} tiles of {spec.tile_size} px per step, held-out {len(val_x)} tiles, on {device}"
-          + (", bf16 autocast" if bf16 else ", float32") + (f", resuming at step {start}" if start else ""),
-          file=sys.stderr)  # fmt: skip
-    stop = Stop()
-    bar = tqdm(total=cfg.steps, initial=start, desc="train vision", unit="step", mininterval=1)
-    step, loss, t_start = start, last_loss(metrics), time.perf_counter()
-    try:
-        while step < cfg.steps:
-            t0 = time.perf_counter()
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, cfg)
-            pixels, targets = step_batch(step, cfg, spec, patch)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                part = model(pixels.to(device), targets.to(device))
-            part.backward()
-            norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.clip if cfg.clip > 0 else float("inf"))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step, loss = step + 1, part.item()
-            dt = time.perf_counter() - t0
-            row = {"step": step, "loss": loss, "lr": lr_at(step - 1, cfg), "grad_norm": float(norm),
-                   "tiles_per_s": cfg.batch_size / dt, "elapsed_s": time.perf_counter() - t_start}  # fmt: skip
-            if step % cfg.save_every == 0 or step == cfg.steps or stop.requested:
-                model.eval()
-                row["val_char_acc"] = model.char_accuracy(val_x.to(device), val_y.to(device))
-                model.train()
-                ckpts.save(step, model, opt, info)
-            with open(metrics, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}", **({"char_acc": f"{row['val_char_acc']:.3f}"}
-                            if "val_char_acc" in row else {}))  # fmt: skip
-            bar.update(1)
-            if stop.requested:
-                break
-    finally:
-        bar.close()
-        stop.restore()
-    if stop.requested and step < cfg.steps:
-        print(f"nanovl train: stopped by signal; checkpoint at step {step} in {ckpts.dir}; "
-              "run the same command to resume", file=sys.stderr)  # fmt: skip
-        raise SystemExit(143)
-    rows = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()]
+    opt, start = run.start(model, info)
+    val = eval_set(spec, patch, cfg.max_tiles)
+    n_train = sum(p.numel() for p in run.trainable)
+    run.announce(start, f"{n_train:,} parameters trainable (encoder + character head), {cfg.batch_size} tiles of "
+                 f"{spec.tile_size} px per step, held-out {len(val[0])} tiles, on {run.device}")  # fmt: skip
+    step, loss = run.loop(VisionStage(run, model, spec, patch, val), model, opt, start, info)
+    rows = [json.loads(ln) for ln in run.metrics.read_text().splitlines() if ln.strip()]
     accuracy = [r["val_char_acc"] for r in rows if "val_char_acc" in r]
-    saved = export_model(vlm, ckpt, cfg.model, out / "model", vlm=True)
-    plot = plot_losses(metrics, out / "loss.png")
-    return {"steps": step, "loss": loss, "val_char_acc": accuracy[-1] if accuracy else None, "out": str(out),
-            "saved": str(saved), "plot": str(out / "loss.png") if plot else None,
-            "already_done": start >= cfg.steps}  # fmt: skip
+    saved = export_model(vlm, ckpt, cfg.model, run.out / "model", vlm=True)
+    return {"steps": step, "loss": loss, "val_char_acc": accuracy[-1] if accuracy else None, "out": str(run.out),
+            "saved": str(saved), "plot": run.plot(), "already_done": start >= cfg.steps}  # fmt: skip

@@ -28,8 +28,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from nanovl.errors import NanovlError
-from nanovl.train.render import Page, rotate_points
-from nanovl.train.synth import CITIES, EVAL_SEED_START, FIRST, GROCERY, KINDS, LAST, Doc, company, make_doc
+from nanovl.synth.kinds import CITIES, EVAL_SEED_START, FIRST, GROCERY, KINDS, LAST, Doc, company, make_doc
+from nanovl.synth.render import Page, rotate_points
 
 TASKS = ("transcribe", "interleaved", "qa", "extract", "text")  # crops: on request (`--crops N`)
 CROP_SIZES = ((256, 256), (256, 256), (512, 256), (512, 512))  # (w, h), drawn uniformly

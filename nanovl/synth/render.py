@@ -6,8 +6,9 @@
 - Fonts: DejaVu or Liberation TrueType files when the system has them, else Pillow's bundled
   scalable font, which every Pillow with FreeType carries. The font list is part of the output
   (`fonts_available()`), so a run on a machine with other fonts is visibly different.
-- `augment` degrades a finished page (tint, blur, noise, a small rotation, JPEG artefacts); the clean
-  page is kept for checking the ground truth against pixels.
+- `degrade` spoils a finished page (blur, noise, a small rotation, JPEG artefacts) and returns the
+  rotation it applied, so positions on the clean page can follow the pixels (`rotate_points`); the
+  clean page is kept for checking the ground truth against pixels.
 """
 
 from __future__ import annotations
@@ -124,11 +125,6 @@ def item_matches(page: Image.Image, item: TextItem, bg) -> bool:
     return inked and a.tobytes() == b.tobytes()
 
 
-def augment(im: Image.Image, rng: random.Random, strength: float = 1.0) -> Image.Image:
-    """Scanner/phone-like degradation; strength 0 returns the page unchanged."""
-    return degrade(im, rng, strength)[0]
-
-
 def rotate_points(points, angle: float, size: tuple[int, int]):
     """(x, y, ...) page positions -> where `Image.rotate(angle)` (about the centre, no expand) moves them."""
     a, cx, cy = math.radians(angle), size[0] / 2, size[1] / 2
@@ -138,8 +134,8 @@ def rotate_points(points, angle: float, size: tuple[int, int]):
 
 
 def degrade(im: Image.Image, rng: random.Random, strength: float = 1.0) -> tuple[Image.Image, float]:
-    """`augment` that also returns the rotation it applied (degrees, counter-clockwise), so positions on
-    the clean page can follow the pixels (`rotate_points`)."""
+    """Scanner/phone-like degradation -> (page, the rotation it applied in degrees, counter-clockwise);
+    strength 0 returns the page unchanged (and 0.0)."""
     angle = 0.0
     if strength <= 0:
         return im, angle

@@ -1,4 +1,4 @@
-"""Synthetic documents with their ground truth (`nanovl synth`).
+"""The document kinds: synthetic documents with their ground truth (`make_doc`).
 
 - Kinds: invoice, receipt, form (key-value), table, bar_chart, line_chart, report (multi-page).
   Layout, font, size, colours and values are drawn from `random.Random(f"{kind}:{seed}")`, so a
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from nanovl.train.render import Page, degrade, fonts_available
+from nanovl.synth.render import Page, degrade, fonts_available
 
 KINDS = ("invoice", "receipt", "form", "table", "bar_chart", "line_chart", "report")
 EVAL_SEED_START = 1_000_000  # seeds >= this are evaluation data, never training data
