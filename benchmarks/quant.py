@@ -45,7 +45,9 @@ def main():
     sys.path.insert(0, str(Path(__file__).parent))
     from decode import ensure_checkpoint
 
-    from nanovl.quantize import quantize_awq, quantize_fp8, quantize_int8
+    from nanovl.quant.awq import quantize_awq
+    from nanovl.quant.fp8 import quantize_fp8
+    from nanovl.quant.int8 import quantize_int8
 
     work = Path(args.workdir)
     base = ensure_checkpoint(work)

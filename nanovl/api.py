@@ -26,9 +26,9 @@ from nanovl.engine.embed_store import EmbedStore
 from nanovl.errors import CheckpointError, RequestError
 from nanovl.media import DEFAULT_DPI, MAX_PIXELS, Page, Video, is_video, load_video, scan_document
 from nanovl.models import text_model_class
-from nanovl.models.packed import pack_linears, packing_supported, trim_heap
 from nanovl.models.vlm import VLMS, merge_embeddings
 from nanovl.prompts import expand_media, media_question, video_text
+from nanovl.quant.prepack import pack_linears, packing_supported, trim_heap
 from nanovl.tiling import TilePlan, make_tiles, plan_tiles
 from nanovl.tokenizer import Tokenizer
 from nanovl.weights import checkpoint_index, load_weights, tensor_shapes
@@ -94,8 +94,8 @@ def load_vlm(model_dir: str | Path, dtype: str | None = None, pack: bool = False
 
 def fast_cpu_modules(model, dtype: torch.dtype) -> None:
     """Inference-only swaps for CPU speed: AWQ int4 layers onto PyTorch's int4 kernel, bf16 Linear
-    layers prepacked for oneDNN (models/packed.py)."""
-    from nanovl.quant import repack_int4
+    layers prepacked for oneDNN (quant/prepack.py)."""
+    from nanovl.quant.prepack import repack_int4
 
     if model.device.type != "cpu":
         return
@@ -132,8 +132,9 @@ def tile_spec(model_dir: str | Path):
 
 
 def quantize_from_checkpoint(model, model_dir, raw: dict, index: dict, prefix: str, dtype: torch.dtype):
-    """Swap in the quantized modules the checkpoint's files describe (nanovl/quant.py)."""
-    from nanovl.quant import read_quant_config, swap_quantized_embeddings, swap_quantized_linears
+    """Swap in the quantized modules the checkpoint's files describe (nanovl/quant/)."""
+    from nanovl.quant import read_quant_config, swap_quantized_linears
+    from nanovl.quant.int8_embeddings import swap_quantized_embeddings
 
     qcfg = read_quant_config(model_dir, raw)
     if qcfg is None:

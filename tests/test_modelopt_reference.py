@@ -19,7 +19,9 @@ import pytest
 import torch
 
 from nanovl.api import load_text_model
-from nanovl.quantize import calibration_texts, quantize_awq, quantize_fp8
+from nanovl.quant.awq import quantize_awq
+from nanovl.quant.calibrate import calibration_texts
+from nanovl.quant.fp8 import quantize_fp8
 from nanovl.tokenizer import Tokenizer
 
 SAMPLES = 8  # ModelOpt's fake quantization is slow on CPU (awq_lite ~2 s per calibration batch here)
