@@ -175,3 +175,16 @@ def test_bad_quantized_checkpoints(tiny_llama, tmp_path):
         ):
             load_text_model(d)
 
+
+def test_unknown_scheme_errors_name_every_supported_format(tiny_llama, tmp_path):
+    """Both refusals list what FORMATS reads: ModelOpt FP8 / NVFP4, AutoAWQ and compressed-tensors INT8."""
+    make_quantized(tiny_llama, tmp_path / "q", "FP8")
+    (tmp_path / "q" / "hf_quant_config.json").write_text(json.dumps({"quantization": {"quant_algo": "INT3"}}))
+    with pytest.raises(CheckpointError, match=r"'INT3' is not supported \(supported: FP8, NVFP4, AWQ, INT8\)"):
+        load_text_model(tmp_path / "q")
+    (tmp_path / "q" / "hf_quant_config.json").unlink()
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())
+    (tmp_path / "q" / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "GPTQ"}}))
+    supported = r"\(supported: modelopt FP8/NVFP4, awq AWQ, compressed-tensors INT8\)"
+    with pytest.raises(CheckpointError, match=rf"quantization method 'gptq' is not supported {supported}"):
+        load_text_model(tmp_path / "q")

@@ -81,7 +81,11 @@ def read_quant_config(model_dir: str | Path, raw: dict) -> dict | None:
     method, q = section
     readers = {f.quant_method: f.read for f in FORMATS.values()}
     if method not in readers:
-        raise CheckpointError(f"quantization method {method!r} is not supported (modelopt FP8/NVFP4, awq)")
+        known = {}
+        for f in FORMATS.values():
+            known.setdefault(f.quant_method, []).append(f.name)
+        supported = ", ".join(f"{m} {'/'.join(names)}" for m, names in known.items())
+        raise CheckpointError(f"quantization method {method!r} is not supported (supported: {supported})")
     algo, exclude, group = readers[method](q)
     fmt = FORMATS.get(algo)
     if fmt is None:
