@@ -155,8 +155,11 @@ def test_vlm_quantization_with_and_without_the_vision_tower(tiny_vlm, tmp_path, 
 
 
 def test_awq_on_a_vlm_quantizes_the_language_model(tiny_vlm, tmp_path):
+    from PIL import Image
+
     import nanovl
-    from nanovl.quant.awq import quantize_awq
+    from nanovl.api import VisionLanguageModel, load_vlm
+    from nanovl.quant.awq import AWQLinear, quantize_awq
     from nanovl.quant.prepack import Int4PackedLinear
 
     with pytest.raises(NanovlError, match="fp8 or int8"):
@@ -166,9 +169,16 @@ def test_awq_on_a_vlm_quantizes_the_language_model(tiny_vlm, tmp_path):
     m = nanovl.load(tmp_path / "awq")  # an inference load: AWQ layers go onto the CPU int4 kernel
     assert isinstance(m.vlm.language_model.model.layers[1].mlp.down_proj, Int4PackedLinear)
     assert type(m.vlm.mlp1[1]) is torch.nn.Linear
-    from PIL import Image
-
-    assert isinstance(m.ask(Image.new("RGB", (90, 60), "white"), "What is this?", max_new_tokens=3).text, str)
+    image, question = Image.new("RGB", (90, 60), "white"), "What is this?"
+    answer = m.ask(image, question, max_new_tokens=3)
+    assert answer.finish_reason == "length" and answer.text == m.tokenizer.decode(answer.token_ids)
+    # token for token the answer of the dequantizing path (AWQLinear, not repacked); compared in float32,
+    # where the two paths agree to rounding (in bf16 they differ by as much as this random model's margins)
+    fast = nanovl.load(tmp_path / "awq", dtype="float32")
+    slow = VisionLanguageModel(load_vlm(tmp_path / "awq", dtype="float32")[0], fast.tokenizer, fast.path)
+    assert type(slow.model.model.layers[1].mlp.down_proj) is AWQLinear
+    want = slow.ask(image, question, max_new_tokens=3).token_ids
+    assert len(want) == 3 and fast.ask(image, question, max_new_tokens=3).token_ids == want
 
 
 @pytest.mark.parametrize("tied", [False, True])
