@@ -19,7 +19,7 @@ import torch
 from nanovl.config import NemotronHConfig, TextConfig
 from nanovl.models.llama import LlamaForCausalLM
 from nanovl.models.nemotron_h import NemotronHForCausalLM
-from nanovl.models.packed import pack_linears, packing_supported
+from nanovl.quant.prepack import pack_linears, packing_supported
 
 VOCAB = 32768
 

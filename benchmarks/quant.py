@@ -45,7 +45,7 @@ def main():
     sys.path.insert(0, str(Path(__file__).parent))
     from decode import ensure_checkpoint
 
-    from nanovl.quantize import quantize_awq, quantize_fp8, quantize_int8
+    from nanovl.quant.write import quantize_awq, quantize_fp8, quantize_int8
 
     work = Path(args.workdir)
     base = ensure_checkpoint(work)

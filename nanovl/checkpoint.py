@@ -19,7 +19,7 @@ import torch
 from nanovl.config import CheckpointConfig, read_json
 from nanovl.errors import CheckpointError, RequestError
 from nanovl.models import architecture, text_architecture, text_config_class, text_model_class
-from nanovl.models.packed import pack_linears, packing_supported, trim_heap
+from nanovl.quant.prepack import pack_linears, packing_supported, trim_heap
 from nanovl.weights import checkpoint_index, load_weights, tensor_shapes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -115,8 +115,8 @@ def load_vlm(model_dir: str | Path, dtype: str | None = None, pack: bool = False
 
 def fast_cpu_modules(model, dtype: torch.dtype) -> None:
     """Inference-only swaps for CPU speed: AWQ int4 layers onto PyTorch's int4 kernel, bf16 Linear
-    layers prepacked for oneDNN (models/packed.py)."""
-    from nanovl.quant import repack_int4
+    layers prepacked for oneDNN (quant/prepack.py)."""
+    from nanovl.quant.prepack import repack_int4
 
     if model.device.type != "cpu":
         return
@@ -151,8 +151,9 @@ def tile_spec(model_dir: str | Path):
 
 
 def quantize_from_checkpoint(model, model_dir, raw: dict, index: dict, prefix: str, dtype: torch.dtype):
-    """Swap in the quantized modules the checkpoint's files describe (nanovl/quant.py)."""
-    from nanovl.quant import read_quant_config, swap_quantized_embeddings, swap_quantized_linears
+    """Swap in the quantized modules the checkpoint's files describe (nanovl/quant/)."""
+    from nanovl.quant import read_quant_config, swap_quantized_linears
+    from nanovl.quant.int8_embeddings import swap_quantized_embeddings
 
     qcfg = read_quant_config(model_dir, raw)
     if qcfg is None:

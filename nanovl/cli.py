@@ -254,19 +254,18 @@ def cmd_serve(args):
 
 
 def cmd_quantize(args):
-    from nanovl.quantize import check_eval, quantize_awq, quantize_fp8, quantize_int8, score_change
+    from nanovl.quant import METHODS
+    from nanovl.quant.write import WRITERS, check_eval, score_change
 
     model = str(resolve_model(args.model))
     if args.eval:
         check_eval(model, args.eval)  # before the work, not after it
-    common = dict(calibration=args.calibration, samples=args.samples, include_vision=args.include_vision,
-                  int8_embeddings=args.int8_embeddings)  # fmt: skip
-    if args.method == "fp8":
-        result = quantize_fp8(model, args.out, **common)
-    elif args.method == "int8":
-        result = quantize_int8(model, args.out, **common)
-    else:
-        result = quantize_awq(model, args.out, group=args.group_size, **common)
+    fmt = METHODS[args.method]
+    options = dict(calibration=args.calibration, samples=args.samples, include_vision=args.include_vision,
+                   int8_embeddings=args.int8_embeddings)  # fmt: skip
+    if fmt.group_size:
+        options["group"] = args.group_size
+    result = WRITERS[args.method](model, args.out, **options)
     print(f"wrote a {args.method} checkpoint to {args.out}")
     print(f"  held-out tokens {result['held_out_tokens']}: logit error mean {result['logit_abs_error_mean']:.4f}, "
           f"max {result['logit_abs_error_max']:.4f}; perplexity {result['perplexity_original']:.3f} -> "
@@ -396,9 +395,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_commands(sub, MODEL_HELP)
 
+    from nanovl.quant import METHODS
+
     p = sub.add_parser("quantize", help="write a quantized checkpoint and report its accuracy cost")
     p.add_argument("--model", required=True, help=MODEL_HELP + " (language or vision-language model)")
-    p.add_argument("--method", required=True, choices=["fp8", "awq", "int8"], help="fp8, int8 or awq (int4)")
+    methods = ", ".join(f"{m} ({f.about})" for m, f in METHODS.items())
+    p.add_argument("--method", required=True, choices=list(METHODS), help=methods)
     p.add_argument("--group-size", type=int, default=128, help="AWQ input columns per scale (default 128)")
     p.add_argument("--out", required=True, help="output folder (new or empty)")
     p.add_argument("--calibration", help="text file (one sample per line) or synthdocs (default: built-in sentences)")

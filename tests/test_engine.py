@@ -134,7 +134,7 @@ def test_sampling_rules():
 
 
 def test_packed_bf16_linears_match_plain(tiny_llama):
-    from nanovl.models.packed import PackedLinear, packing_supported
+    from nanovl.quant.prepack import PackedLinear, packing_supported
 
     if not packing_supported(torch.bfloat16, torch.device("cpu")):
         pytest.skip("this CPU has no oneDNN bf16 support")

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from nanovl.checkpoint import load_text_model
-from nanovl.quantize import calibration_texts, quantize_awq, quantize_fp8
+from nanovl.quant.calibrate import calibration_texts
+from nanovl.quant.write import quantize_awq, quantize_fp8
 from nanovl.tokenizer import Tokenizer
 
 SAMPLES = 8  # ModelOpt's fake quantization is slow on CPU (awq_lite ~2 s per calibration batch here)

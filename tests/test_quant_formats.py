@@ -11,7 +11,9 @@ from transformers import LlamaForCausalLM
 
 from nanovl.checkpoint import load_text_model
 from nanovl.errors import CheckpointError
-from nanovl.quant import AWQLinear, FP8Linear, NVFP4Linear
+from nanovl.quant.awq import AWQLinear
+from nanovl.quant.fp8 import FP8Linear
+from nanovl.quant.nvfp4 import NVFP4Linear
 
 FP4_VALUES = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
 
@@ -122,7 +124,7 @@ def test_quantized_checkpoint_matches_dequantized_reference(tiny_llama, tmp_path
 def test_awq_on_the_cpu_int4_kernel_matches_dequantized_reference(tiny_llama, tmp_path, dtype, tol):
     """pack=True (every inference load) repacks AWQ layers for PyTorch's CPU int4 kernel; the logits
     still match transformers on the independently dequantized weights (bf16: within its rounding)."""
-    from nanovl.quant import Int4PackedLinear
+    from nanovl.quant.prepack import Int4PackedLinear
 
     ref_dir = make_quantized(tiny_llama, tmp_path / "AWQ", "AWQ")
     ours, _ = load_text_model(tmp_path / "AWQ", dtype=dtype, pack=True)
@@ -139,7 +141,7 @@ def test_awq_on_the_cpu_int4_kernel_matches_dequantized_reference(tiny_llama, tm
 def test_int4_kernel_shape_limit_keeps_the_slow_path():
     """The CPU int4 kernel needs out_features % 16 == 0; an AWQ layer with 8 | out only stays on the
     dequantizing path, with a warning, and both paths agree where both apply."""
-    from nanovl.quant import Int4PackedLinear, repack_int4
+    from nanovl.quant.prepack import Int4PackedLinear, repack_int4
 
     model = torch.nn.Sequential(AWQLinear(64, 40, False, 32), AWQLinear(64, 32, False, 32))
     for layer in model:
@@ -172,3 +174,17 @@ def test_bad_quantized_checkpoints(tiny_llama, tmp_path):
             CheckpointError, match=rf"{key.replace('.', chr(92) + '.')} in model\.safetensors has shape"
         ):
             load_text_model(d)
+
+
+def test_unknown_scheme_errors_name_every_supported_format(tiny_llama, tmp_path):
+    """Both refusals list what FORMATS reads: ModelOpt FP8 / NVFP4, AutoAWQ and compressed-tensors INT8."""
+    make_quantized(tiny_llama, tmp_path / "q", "FP8")
+    (tmp_path / "q" / "hf_quant_config.json").write_text(json.dumps({"quantization": {"quant_algo": "INT3"}}))
+    with pytest.raises(CheckpointError, match=r"'INT3' is not supported \(supported: FP8, NVFP4, AWQ, INT8\)"):
+        load_text_model(tmp_path / "q")
+    (tmp_path / "q" / "hf_quant_config.json").unlink()
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())
+    (tmp_path / "q" / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "GPTQ"}}))
+    supported = r"\(supported: modelopt FP8/NVFP4, awq AWQ, compressed-tensors INT8\)"
+    with pytest.raises(CheckpointError, match=rf"quantization method 'gptq' is not supported {supported}"):
+        load_text_model(tmp_path / "q")
