@@ -20,13 +20,12 @@ import json
 import logging
 import time
 import uuid
-import weakref
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException
@@ -40,6 +39,7 @@ from nanovl.engine.scheduler import Request as EngineRequest
 from nanovl.errors import NanovlError
 from nanovl.media import DEFAULT_DPI, Page, Video, is_video
 from nanovl.processor import ImageEmbeds, Processor, expand_documents, scan_source
+from nanovl.serve.metrics import CONTENT_TYPE, Metrics
 from nanovl.serve.protocol import (
     APIError,
     ChatRequest,
@@ -53,42 +53,6 @@ from nanovl.serve.protocol import (
 )
 
 log = logging.getLogger("nanovl.serve")
-
-
-class Metrics:
-    def __init__(self):
-        self.ttft_sum, self.ttft_count, self.errors = 0.0, 0, 0
-        self.noted = weakref.WeakSet()  # requests whose time to first token is counted
-
-    def render(self, sched: Scheduler, store: EmbedStore | None) -> str:
-        s = sched.stats
-        lines = [
-            ("nanovl_requests_total", "counter", "chat requests admitted", s["requests"]),
-            ("nanovl_prompt_tokens_total", "counter", "prompt tokens prefilled", s["prompt_tokens"]),
-            ("nanovl_generated_tokens_total", "counter", "tokens generated", s["generated_tokens"]),
-            ("nanovl_cancelled_total", "counter", "requests cancelled (client gone, timeout)", s["cancelled"]),
-            ("nanovl_errors_total", "counter", "requests answered with an error", self.errors),
-            ("nanovl_queue_depth", "gauge", "requests waiting for a slot", sched.queue_depth),
-            ("nanovl_running", "gauge", "requests holding a slot", sched.running),
-            ("nanovl_time_to_first_token_seconds_sum", "counter", "sum of times to first token", self.ttft_sum),
-            ("nanovl_time_to_first_token_seconds_count", "counter", "requests with a first token", self.ttft_count),
-            (
-                "nanovl_embed_store_hits_total",
-                "counter",
-                "images served from the embedding store",
-                store.hits if store else 0,
-            ),
-            (
-                "nanovl_embed_store_misses_total",
-                "counter",
-                "images encoded by the vision encoder",
-                store.misses if store else 0,
-            ),
-        ]
-        out = []
-        for name, kind, help_, value in lines:
-            out += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]
-        return "\n".join(out) + "\n"
 
 
 class Guard:
@@ -134,13 +98,13 @@ def create_app(model, name: str, api_key: str | None = None, max_concurrency: in
                stall_timeout: float = 300.0) -> FastAPI:  # fmt: skip
     sched = Scheduler(model.model, model.tokenizer, max_slots=max_concurrency, max_len=max_len, max_queue=max_queue,
                       cache_bytes=int(kv_cache_gb * (1 << 30)))  # fmt: skip
-    metrics = Metrics()
     limits = limits or Limits()
     allowed = Path(allowed_local_media_path) if allowed_local_media_path else None
     processor, store = None, None
     if isinstance(model, VisionLanguageModel):  # the server's own processor, with the embedding store
         store = EmbedStore(embed_store_bytes, embed_store)
         processor = Processor(model.vlm, model.tokenizer, model.path, store)
+    metrics = Metrics(sched, store)
     # a prompt of more characters than this cannot fit one slot, whatever it tokenises to
     max_chars = sched.max_len * max(len(t) for t in model.tokenizer.tk.get_vocab())
 
@@ -161,9 +125,7 @@ def create_app(model, name: str, api_key: str | None = None, max_concurrency: in
     app = FastAPI(title="nanovl", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.scheduler, app.state.metrics = sched, metrics
 
-    def count_error():
-        metrics.errors += 1
-
+    count_error = metrics.count_error
     app.add_middleware(Guard, api_key=api_key, max_body=limits.max_body_bytes, on_error=count_error)
 
     @app.exception_handler(APIError)
@@ -193,9 +155,9 @@ def create_app(model, name: str, api_key: str | None = None, max_concurrency: in
             body["reason"] = problem
         return JSONResponse(body, status_code=200 if problem is None else 503)
 
-    @app.get("/metrics", response_class=PlainTextResponse)
+    @app.get("/metrics")
     async def prometheus():
-        return metrics.render(sched, store)
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models():
@@ -326,7 +288,7 @@ def create_app(model, name: str, api_key: str | None = None, max_concurrency: in
         while True:
             d = await q.get()
             if not text:
-                note_first_token(er)
+                metrics.note_first_token(er)
             text.append(d.text)
             if d.logprobs is not None:
                 logprobs.append(logprob_entry(d))
@@ -364,7 +326,7 @@ def create_app(model, name: str, api_key: str | None = None, max_concurrency: in
                         count_error()
                         yield json.dumps(APIError(500, f"generation failed: {d.error}", type="server_error").body())
                         return
-                    note_first_token(reqs[i])
+                    metrics.note_first_token(reqs[i])
                     choice = {"index": i, "delta": {"content": d.text} if d.text else {}, "finish_reason": None}
                     if d.logprobs is not None:
                         choice["logprobs"] = {"content": [logprob_entry(d)]}
@@ -385,13 +347,6 @@ def create_app(model, name: str, api_key: str | None = None, max_concurrency: in
             for r in reqs:
                 if r.finish_reason is None:
                     sched.cancel(r)
-
-    def note_first_token(er: EngineRequest):
-        """Count a request's time to first token once, when its first delta reaches us."""
-        if er.first_token_at is not None and er not in metrics.noted:
-            metrics.noted.add(er)
-            metrics.ttft_sum += er.first_token_at - er.submitted
-            metrics.ttft_count += 1
 
     def logprob_entry(d) -> dict:
         tk = model.tokenizer
