@@ -343,3 +343,21 @@ def test_body_limit_and_server_errors_in_openai_shape(vl):
         assert httpx.get(s.url + "/health", timeout=10).json()["status"] == "ok"
     finally:
         s.stop()
+
+
+def test_one_validation_handler_for_bodies_and_declared_parameters(vl):
+    from fastapi.testclient import TestClient
+
+    app = create_app(vl, "tiny-vl")
+
+    @app.get("/v1/probe")
+    async def probe(n: int):  # a parameter FastAPI validates itself
+        return {"n": n}
+
+    client = TestClient(app)  # no lifespan: nothing here reaches the engine
+    r = client.get("/v1/probe", params={"n": "x"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+    assert r.json()["error"]["message"].startswith("n: Input should be a valid integer")
+    r = client.post("/v1/chat/completions", json={"model": "tiny-vl", "messages": [], "n": 0})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    assert "nanovl_errors_total 2.0" in client.get("/metrics").text
