@@ -183,6 +183,21 @@ def test_health_and_metrics(server):
     assert "nanovl_requests_total" in text and "nanovl_queue_depth 0" in text
 
 
+def test_metrics_are_prometheus_text(server):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    ok = {"model": "tiny-vl", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    assert post(server, ok).status_code == 200
+    r = httpx.get(server.url + "/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples = {s.name: s.value for f in text_string_to_metric_families(r.text) for s in f.samples}
+    names = ["requests_total", "prompt_tokens_total", "generated_tokens_total", "cancelled_total", "errors_total",
+             "queue_depth", "running", "time_to_first_token_seconds_sum", "time_to_first_token_seconds_count",
+             "embed_store_hits_total", "embed_store_misses_total"]  # fmt: skip
+    assert {f"nanovl_{n}" for n in names} <= set(samples)
+    assert samples["nanovl_requests_total"] >= samples["nanovl_time_to_first_token_seconds_count"] >= 1
+
+
 def test_disconnected_stream_frees_its_slot(server, client):
     with httpx.stream("POST", server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
                       json={"model": "tiny-vl", "messages": [{"role": "user", "content": "Hi"}], "stream": True,
@@ -214,7 +229,7 @@ def test_embedding_store_hits_and_survives_restart(vl, tmp_path):
         finally:
             s.stop()
         values = dict(line.split() for line in metrics.splitlines() if not line.startswith("#"))
-        hits, misses = int(values["nanovl_embed_store_hits_total"]), int(values["nanovl_embed_store_misses_total"])
+        hits, misses = (int(float(values[f"nanovl_embed_store_{k}_total"])) for k in ("hits", "misses"))
         # round 0: a miss, then a hit from memory; after the restart: a hit from disk, then from memory
         assert (hits, misses) == ((1, 1) if round_ == 0 else (2, 0))
     assert len(set(outputs)) == 1
@@ -328,3 +343,21 @@ def test_body_limit_and_server_errors_in_openai_shape(vl):
         assert httpx.get(s.url + "/health", timeout=10).json()["status"] == "ok"
     finally:
         s.stop()
+
+
+def test_one_validation_handler_for_bodies_and_declared_parameters(vl):
+    from fastapi.testclient import TestClient
+
+    app = create_app(vl, "tiny-vl")
+
+    @app.get("/v1/probe")
+    async def probe(n: int):  # a parameter FastAPI validates itself
+        return {"n": n}
+
+    client = TestClient(app)  # no lifespan: nothing here reaches the engine
+    r = client.get("/v1/probe", params={"n": "x"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+    assert r.json()["error"]["message"].startswith("n: Input should be a valid integer")
+    r = client.post("/v1/chat/completions", json={"model": "tiny-vl", "messages": [], "n": 0})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    assert "nanovl_errors_total 2.0" in client.get("/metrics").text

@@ -4,9 +4,12 @@ Content parts: `text`; `image_url` (data: URLs always; local paths only under th
 http(s) is refused until remote media is enabled); `video_url` (same sources); and OpenAI's `file`
 part for PDFs (`file_data` as a data: URL, with nanovl's optional `pages` range, e.g. "1-3").
 
-Bodies are parsed strictly: UTF-8, standard JSON (no NaN / Infinity), nesting at most MAX_DEPTH
-deep, at most `Limits.max_body_bytes`; unknown fields are refused, and so are OpenAI fields that
-nanovl does not implement when they ask for something (`frequency_penalty: 0.5`, `tools`, ...).
+- Bodies are parsed strictly (`parse_body`): UTF-8, standard JSON (no NaN / Infinity), nesting at
+  most MAX_DEPTH deep, at most `Limits.max_body_bytes`; then validated into `ChatRequest`.
+- Unknown fields are refused, and so are OpenAI fields that nanovl does not implement when they ask
+  for something (`frequency_penalty: 0.5`, `tools`, ...).
+- A validation failure is one 400 (`invalid`): "loc: msg" of the first error, `param` its dotted
+  location.
 """
 
 from __future__ import annotations
@@ -49,6 +52,18 @@ class APIError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def too_large(limit: int) -> APIError:
+    return APIError(413, f"the request body is over the limit of {limit} bytes", code="too_large")
+
+
+def invalid(errors: list[dict]) -> APIError:
+    """Validation errors (pydantic's `errors()`) -> the 400: the first one as "loc: msg", `param` the
+    dotted location (None for an error of the whole body)."""
+    first = errors[0]
+    where = ".".join(str(x) for x in first["loc"])
+    return APIError(400, f"{where + ': ' if where else ''}{first['msg']}", param=where or None)
 
 
 class StreamOptions(BaseModel):
