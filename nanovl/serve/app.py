@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -36,26 +35,9 @@ from nanovl.engine.scheduler import Scheduler
 from nanovl.processor import Processor
 from nanovl.serve.metrics import Metrics
 from nanovl.serve.protocol import APIError, Limits, invalid, too_large
-from nanovl.serve.routes import router
+from nanovl.serve.routes import Server, router
 
 log = logging.getLogger("nanovl.serve")
-
-
-@dataclass
-class Server:
-    """What the routes need, on `app.state.server`."""
-
-    model: object  # a loaded nanovl model: VisionLanguageModel or a text-only one
-    name: str  # the served model name
-    scheduler: Scheduler
-    processor: Processor | None  # None for a text-only model
-    limits: Limits
-    metrics: Metrics
-    allowed: Path | None  # the folder local media paths must be in (None: no local paths)
-    allow_remote: bool
-    request_timeout: float | None
-    stall_timeout: float  # /health is 503 when one engine step takes longer
-    max_chars: int  # a prompt of more characters cannot fit one slot, whatever it tokenises to
 
 
 def create_app(model, name: str, api_key: str | None = None, max_concurrency: int = 8, max_queue: int = 64,

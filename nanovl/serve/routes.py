@@ -18,8 +18,9 @@ import asyncio
 import json
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
@@ -29,15 +30,16 @@ from sse_starlette.sse import EventSourceResponse
 from nanovl.engine.constrained import compile_constraint
 from nanovl.engine.reasoning import split_reasoning
 from nanovl.engine.sampling import SEED_RANGE
-from nanovl.engine.scheduler import QueueFull
+from nanovl.engine.scheduler import QueueFull, Scheduler
 from nanovl.engine.scheduler import Request as EngineRequest
 from nanovl.errors import NanovlError
 from nanovl.media import DEFAULT_DPI, Page, Video, is_video
-from nanovl.processor import ImageEmbeds, expand_documents, scan_source
-from nanovl.serve.metrics import CONTENT_TYPE
+from nanovl.processor import ImageEmbeds, Processor, expand_documents, scan_source
+from nanovl.serve.metrics import CONTENT_TYPE, Metrics
 from nanovl.serve.protocol import (
     APIError,
     ChatRequest,
+    Limits,
     decode_embeds,
     parse_body,
     parse_messages,
@@ -47,10 +49,24 @@ from nanovl.serve.protocol import (
     too_large,
 )
 
-if TYPE_CHECKING:
-    from nanovl.serve.app import Server
-
 router = APIRouter()
+
+
+@dataclass
+class Server:
+    """What the routes need, on `app.state.server`."""
+
+    model: object  # a loaded nanovl model: VisionLanguageModel or a text-only one
+    name: str  # the served model name
+    scheduler: Scheduler
+    processor: Processor | None  # None for a text-only model
+    limits: Limits
+    metrics: Metrics
+    allowed: Path | None  # the folder local media paths must be in (None: no local paths)
+    allow_remote: bool
+    request_timeout: float | None
+    stall_timeout: float  # /health is 503 when one engine step takes longer
+    max_chars: int  # a prompt of more characters cannot fit one slot, whatever it tokenises to
 
 
 def state(request: Request) -> Server:
