@@ -73,10 +73,16 @@ class VisionLanguageModule(nn.Module):
     patch_size: int  # the encoder's patch when the vision config names none
     family: str  # the release, in warnings about documented defaults
 
+    vision_tower: type  # the encoder module, built from cfg.vision
+    projector: staticmethod  # mlp1 builder: (pixel-shuffled width, projector hidden, LLM hidden) -> module
+
     def __init__(self, cfg: VLMConfig):
         super().__init__()
         self.config = cfg
         self.language_model = self.text_class(cfg.text)
+        self.vision_model = self.vision_tower(cfg.vision)
+        width = cfg.vision.hidden_size * round(1 / cfg.downsample_ratio) ** 2  # after the pixel shuffle
+        self.mlp1 = self.projector(width, cfg.projector_hidden_size, cfg.text.hidden_size)
 
     @classmethod
     def from_checkpoint(cls, raw: dict, text: TextConfig, shapes: dict, pre: dict) -> VLMConfig:
@@ -159,12 +165,7 @@ class NemotronNanoVL(VisionLanguageModule):
     vision_prefix = "vision_model.radio_model."
     unused_weights = RadioModel.UNUSED
     tile_rule, patch_size, family = "nano_vl", 16, "Nano-VL-8B"
-
-    def __init__(self, cfg: VLMConfig):
-        super().__init__(cfg)
-        self.vision_model = RadioTower(cfg.vision)
-        width = cfg.vision.hidden_size * round(1 / cfg.downsample_ratio) ** 2
-        self.mlp1 = mlp1_nano_vl(width, cfg.projector_hidden_size, cfg.text.hidden_size)
+    vision_tower, projector = RadioTower, staticmethod(mlp1_nano_vl)
 
     @classmethod
     def tile_limits(cls, raw: dict, pre: dict):
@@ -206,12 +207,7 @@ class NVLMD(VisionLanguageModule):
     vision_prefix = "vision_model."
     unused_weights = ()
     tile_rule, patch_size, family = "internvl", 14, "NVLM-D"
-
-    def __init__(self, cfg: VLMConfig):
-        super().__init__(cfg)
-        self.vision_model = InternVisionModel(cfg.vision)
-        width = cfg.vision.hidden_size * round(1 / cfg.downsample_ratio) ** 2
-        self.mlp1 = mlp1_nvlm(width, cfg.projector_hidden_size, cfg.text.hidden_size)
+    vision_tower, projector = InternVisionModel, staticmethod(mlp1_nvlm)
 
     @classmethod
     def tile_limits(cls, raw: dict, pre: dict):
@@ -248,12 +244,7 @@ class NemotronNanoVLV2(NemotronNanoVL):
     text_class = NemotronHForCausalLM
     unused_weights = RadioModel.UNUSED + (r"radio_model\.input_conditioner\.",)  # vLLM skips them too
     tile_rule, family = "internvl", "Nano-VL-12B-V2"
-
-    def __init__(self, cfg: VLMConfig):
-        VisionLanguageModule.__init__(self, cfg)
-        self.vision_model = RadioTower(cfg.vision)
-        width = cfg.vision.hidden_size * round(1 / cfg.downsample_ratio) ** 2
-        self.mlp1 = mlp1_nano_vl_v2(width, cfg.projector_hidden_size, cfg.text.hidden_size)
+    projector = staticmethod(mlp1_nano_vl_v2)
 
     @staticmethod
     def vision_config(raw: dict, shapes: dict) -> RadioConfig:
