@@ -45,6 +45,18 @@ def test_generate_with_seed_is_repeatable(tiny_qwen2):
     assert "tokens/s" in a[2]
 
 
+def test_a_reader_that_leaves_stops_the_stream_quietly(tiny_llama):
+    """`nanovl generate ... | head -c 1`: the pipe closes after the first bytes; the next write fails,
+    and the command ends with 141 (as Unix tools do on SIGPIPE), not a traceback."""
+    cmd = [sys.executable, "-m", "nanovl.cli", "generate", "--model", str(tiny_llama), "--prompt", "Once",
+           "--max-tokens", "400"]  # fmt: skip
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    assert p.stdout.read(1)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141 and "Traceback" not in err, err
+
+
 def test_chat_multi_turn_from_stdin(tiny_llama):
     rc, out, err = run("chat", "--model", str(tiny_llama), "--max-tokens", "5", stdin="hello\nand again\n/exit\n")
     assert rc == 0, err
