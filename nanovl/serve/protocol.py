@@ -288,7 +288,7 @@ def parse_response_format(response_format: dict | None) -> dict | None:
 
 
 def decode_embeds(data) -> torch.Tensor:
-    """image_embeds data -> a float tensor; shape checks are the model's (VisionLanguageModel.check_embeds)."""
+    """image_embeds data -> a float tensor; shape checks are the processor's (Processor.check_embeds)."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
