@@ -426,3 +426,19 @@ def test_text_model_trains_on_text_only_data(work, tmp_path):
     assert (got.text, got.token_ids) == (want.text, want.token_ids) and len(got.token_ids) > 0
     with pytest.raises(DataError, match="stage projector needs a vision-language checkpoint"):
         train(load_train_config(config(work, "textproj", model=str(base), stage="projector")))
+
+
+def test_the_lr_stays_flat_until_the_decay_fraction():
+    from nanovl.train.config import TrainConfig
+    from nanovl.train.loop import lr_at
+
+    def cfg(**kw):
+        return TrainConfig(stage="sft", model="m", out="o", data=["d"], steps=1000, lr=1.0, warmup_steps=100,
+                           min_lr_ratio=0.1, **kw)  # fmt: skip
+
+    cosine, flat = cfg(), cfg(decay_fraction=0.15)  # the decay spans the last 135 of 900 steps
+    assert lr_at(49, cosine) == lr_at(49, flat) == 0.5  # the same warm-up
+    assert lr_at(100, cosine) == 1.0 and abs(lr_at(500, cosine) - 0.628) < 0.01  # a cosine over all 900
+    assert lr_at(500, flat) == lr_at(865, flat) == 1.0  # flat until 1000 - 135
+    assert 0.1 < lr_at(932, flat) < 1.0 and abs(lr_at(932, flat) - 0.55) < 0.01  # half-way down
+    assert abs(lr_at(999, flat) - 0.1) < 1e-3 and abs(lr_at(999, cosine) - 0.1) < 1e-3

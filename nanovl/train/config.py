@@ -51,6 +51,7 @@ class TrainConfig:
     lr: float = 1e-4
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 0
+    decay_fraction: float = 1.0  # the cosine spans this last part of the steps after warm-up; flat at lr before
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     clip: float = 1.0  # max gradient norm; 0 = no clipping
@@ -101,6 +102,8 @@ def _check(cfg: TrainConfig, path: Path, text: str):
         bad("text_data", "is needed when text_share > 0")
     if cfg.lr <= 0 or not 0 <= cfg.min_lr_ratio <= 1:
         bad("lr", "must be > 0 with min_lr_ratio in [0, 1]")
+    if not 0 < cfg.decay_fraction <= 1:
+        bad("decay_fraction", "must be in (0, 1]: the last part of the run over which the lr decays")
     if cfg.stage == "projector" and (cfg.train_vision or cfg.lora):
         bad("stage", "projector trains mlp1 alone: no train_vision or lora")
     if cfg.lora is not None:

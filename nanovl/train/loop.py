@@ -5,7 +5,8 @@
   processes, the output folder, the optimizer, the lr schedule, clipping, metrics.jsonl, the
   checkpoint schedule, SIGTERM and resumption. The stages import this module, never the reverse.
 - Optimizer: AdamW with weight decay on matrices only; the lr of step s is set before the step
-  (linear warm-up over warmup_steps, then cosine from lr to lr * min_lr_ratio at the last step).
+  (linear warm-up over warmup_steps, flat until the last `decay_fraction` of the run, then cosine
+  to lr * min_lr_ratio at the last step; decay_fraction 1 is a cosine over the whole run).
 - Gradients are clipped by their global norm (`clip`; 0 = not clipped, the norm is still logged).
 - Processes: a stage's totals (`Stage.step`) are additive; they are summed over processes once a step,
   with the stop flag, so every process stops at the same step.
@@ -44,11 +45,14 @@ RESUMABLE = {"steps", "save_every", "keep", "threads", "skip_bad", "device"}
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up over warmup_steps, then cosine from lr to lr * min_lr_ratio at the last step."""
+    """Linear warm-up over warmup_steps, then flat at lr until the last `decay_fraction` of the remaining
+    steps, over which a cosine takes it to lr * min_lr_ratio at the last step (decay_fraction 1: the
+    cosine spans everything after warm-up)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    span = max(1.0, (cfg.steps - cfg.warmup_steps) * cfg.decay_fraction)
+    start = cfg.steps - span  # where the decay begins
+    progress = min(1.0, max(0.0, step - start) / span)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
