@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -126,9 +127,12 @@ class Checkpoints:
         if latest is None:
             return 0
         saved = json.loads((latest / "trainer.json").read_text())["config"]
-        changed = [k for k in saved if k not in RESUMABLE and saved[k] != info["config"].get(k)]
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # fields newer than the run
+        keys = set(saved) | set(info["config"])
+        was, now = ({k: c.get(k, defaults.get(k)) for k in keys} for c in (saved, info["config"]))
+        changed = sorted(k for k in keys if k not in RESUMABLE and was[k] != now[k])
         if changed:
-            raise DataError(f"{self.dir.parent} holds a run with another {changed[0]} ({saved[changed[0]]!r}); "
+            raise DataError(f"{self.dir.parent} holds a run with another {changed[0]} ({was[changed[0]]!r}); "
                             "use --restart or another out folder")  # fmt: skip
         return self.load(latest, model, opt)["step"]
 
