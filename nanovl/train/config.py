@@ -1,8 +1,10 @@
 """One training stage as a small config file (TOML or JSON) -> `TrainConfig`.
 
-  stage = "vision" | "projector" | "pretrain" | "sft"
+  stage = "vision" | "readout" | "projector" | "pretrain" | "sft"
     vision:    only the vision encoder trains, on per-patch character targets of synthetic pages
                (data = ["synthdocs"]; nanovl/train/vision.py);
+    readout:   mlp1 and the LLM (and, with train_vision, the encoder) learn to transcribe single tiles
+               of synthetic pages (data = ["synthdocs"]; nanovl/train/readout.py);
     projector: only mlp1 trains (vision encoder and LLM frozen), on image-text pairs;
     pretrain:  mlp1 and the LLM train, on interleaved image-text data;
     sft:       mlp1 and the LLM train on instructions, with `text_share` of text-only samples.
@@ -24,7 +26,8 @@ from pathlib import Path
 
 from nanovl.errors import DataError
 
-STAGES = ("vision", "projector", "pretrain", "sft")
+STAGES = ("vision", "readout", "projector", "pretrain", "sft")
+SYNTH_STAGES = ("vision", "readout")  # stages that render their pages on the fly
 SYNTHDOCS = "synthdocs"  # stage vision's data: pages rendered on the fly by the generator
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -60,7 +63,12 @@ class TrainConfig:
     sample_tiles: int | None = None  # tiles for all images of one sample together; None = no limit
     pack: bool = True
     bf16: bool | str = "auto"  # autocast to bfloat16 (weights stay float32); auto: on GPUs and AMX CPUs
-    train_vision: bool = False  # also unfreeze the vision encoder (pretrain / sft)
+    train_vision: bool = False  # also unfreeze the vision encoder (readout / pretrain / sft)
+    vision_lr_scale: float = 1.0  # the encoder's lr is lr * vision_lr_scale where it trains
+    lines_steps: int = 0  # readout: the first steps transcribe single text lines, then whole tiles
+    char_loss: float = 0.0  # readout: weight of stage vision's per-patch character loss, kept as an auxiliary
+    embed_loss: float = 0.0  # readout: weight of the loss pulling image tokens toward their characters' embeddings
+    char_head: str | None = None  # readout: a stage-vision out folder whose character head char_loss starts from
     lora: LoraConfig | None = None
     save_every: int = 100
     keep: int = 2  # checkpoints kept
@@ -91,11 +99,26 @@ def _check(cfg: TrainConfig, path: Path, text: str):
             bad(name, "must be a positive integer")
     if not isinstance(cfg.data, list) or not cfg.data:
         bad("data", "must be a non-empty list of JSONL files or tar shards")
-    if (cfg.stage == "vision") != (cfg.data == [SYNTHDOCS]):
-        bad("data", f'must be ["{SYNTHDOCS}"] for stage vision (it needs where each character is drawn, which '
-                    f'only the generator knows), and only for it')  # fmt: skip
+    if (cfg.stage in SYNTH_STAGES) != (cfg.data == [SYNTHDOCS]):
+        bad("data", f'must be ["{SYNTHDOCS}"] for stages vision and readout (they need where each character is '
+                    f'drawn, which only the generator knows), and only for them')  # fmt: skip
     if cfg.stage == "vision" and (cfg.lora or cfg.text_data or cfg.train_vision):
         bad("stage", "vision trains the vision encoder alone: no lora, text_data or train_vision")
+    if cfg.stage == "readout" and (cfg.lora or cfg.text_data):
+        bad("stage", "readout trains on rendered tiles alone: no lora or text_data")
+    readout_only = {"lines_steps": 0, "char_loss": 0.0, "embed_loss": 0.0, "char_head": None}
+    for name, default in readout_only.items():
+        if cfg.stage != "readout" and getattr(cfg, name) != default:
+            bad(name, "is a field of stage readout")
+    if not isinstance(cfg.lines_steps, int) or cfg.lines_steps < 0:
+        bad("lines_steps", "must be a non-negative integer")
+    for name in ("char_loss", "embed_loss"):
+        if getattr(cfg, name) < 0:
+            bad(name, "must be >= 0")
+    if cfg.vision_lr_scale <= 0:
+        bad("vision_lr_scale", "must be > 0")
+    if cfg.char_loss and not cfg.train_vision:
+        bad("char_loss", "trains the encoder: it needs train_vision = true")
     if not 0 <= cfg.text_share < 1:
         bad("text_share", "must be in [0, 1)")
     if cfg.text_share and not cfg.text_data:
@@ -152,7 +175,9 @@ def load_train_config(path: str | Path, **overrides) -> TrainConfig:
     if isinstance(raw.get("lora"), dict):
         raw["lora"] = LoraConfig(**_fields(LoraConfig, raw["lora"], path, text, "lora."))
     root = path.parent
-    for key in ("model", "out"):
+    for key in ("model", "out", "char_head"):
+        if raw.get(key) is None and key == "char_head":  # optional
+            continue
         if not isinstance(raw[key], str):
             raise DataError(f"{path}: field {key!r} must be a path")
         raw[key] = os.path.normpath(root / raw[key])

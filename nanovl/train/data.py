@@ -236,12 +236,13 @@ class Encoder:
         pieces.append((full[done:], False))
         return [(t, trained) for t, trained in pieces if t]
 
-    def encode(self, record: Record) -> Example:
-        plans = []
-        if record.images:
-            if self.image_text is None:
-                raise DataError(f"{record.source}: images given to a text-only model")
-            plans = self.plans(record)
+    def encode(self, record: Record, plans: list[TilePlan] | None = None) -> Example:
+        """The record's ids and labels; `plans`: its images' tile plans when the images are not files
+        (stage readout renders them), else planned from the files."""
+        if (plans or record.images) and self.image_text is None:
+            raise DataError(f"{record.source}: images given to a text-only model")
+        if plans is None:
+            plans = self.plans(record) if record.images else []
         ids, labels, k = [], [], 0
         for text, trained in self.segments(record.messages, record.source):
             n = text.count(PLACEHOLDERS["image"])

@@ -57,10 +57,20 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def adamw(trainable: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on norms and biases)."""
-    groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]  # fmt: skip
+def adamw(named: list[tuple[str, nn.Parameter]], cfg: TrainConfig, scales: dict[str, float] | None = None):
+    """AdamW with weight decay on matrices only (not on norms and biases); `scales` maps a parameter
+    name prefix to its lr multiplier (the group's `lr_scale`)."""
+    scales = scales or {}
+
+    def scale(name: str) -> float:
+        return next((v for k, v in scales.items() if name.startswith(k)), 1.0)
+
+    groups = []
+    for s in sorted({scale(n) for n, _ in named}, reverse=True):
+        for decay in (True, False):
+            params = [p for n, p in named if scale(n) == s and (p.ndim >= 2) == decay]
+            if params:
+                groups.append({"params": params, "weight_decay": cfg.weight_decay if decay else 0.0, "lr_scale": s})
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
 
 
@@ -242,12 +252,14 @@ class Run:
         if self.world > 1:
             dist.barrier()
 
-    def start(self, model: nn.Module, info: dict) -> tuple[torch.optim.Optimizer, int]:
-        """model on the device in training mode, its optimizer, and the step to go on from (the latest
-        checkpoint, when there is one, loaded; `info` is stored in each checkpoint)."""
+    def start(self, model: nn.Module, info: dict, scales: dict[str, float] | None = None):
+        """(optimizer, the step to go on from): model on the device in training mode, its optimizer
+        (`scales`: lr multipliers by parameter name prefix), the latest checkpoint, when there is one,
+        loaded; `info` is stored in each checkpoint."""
         model.to(self.device).train()
-        self.trainable = [p for p in model.parameters() if p.requires_grad]
-        opt = adamw(self.trainable, self.cfg)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.trainable = [p for _, p in named]
+        opt = adamw(named, self.cfg, scales)
         start = self.ckpts.resume(model, opt, info)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -276,7 +288,7 @@ class Run:
             while step < cfg.steps:
                 t0 = time.perf_counter()
                 for g in opt.param_groups:
-                    g["lr"] = lr_at(step, cfg)
+                    g["lr"] = lr_at(step, cfg) * g.get("lr_scale", 1.0)
                 totals = stage.step(step)
                 if self.world > 1:
                     summed = torch.tensor([*totals.values(), float(stop.requested)], dtype=torch.float64)

@@ -3,7 +3,8 @@
 - What they feed the shared loop (nanovl/train/loop.py, which owns the optimizer, lr schedule,
   clipping, metrics, checkpoints, SIGTERM and resumption): the model with the stage's parameters
   trainable (`build_model`), the epoch's samples and, per step, the forward and backward of its
-  micro-batches (`LanguageStage`). `stage = "vision"` goes to nanovl/train/vision.py.
+  micro-batches (`LanguageStage`). `stage = "vision"` goes to nanovl/train/vision.py, `"readout"` to
+  nanovl/train/readout.py.
 - Master weights in float32 (with LoRA the frozen base keeps its own dtype and only the adapters are
   float32); matmuls under the loop's bf16 autocast where config `bf16` asks for it.
 - The loss of an optimizer step is the summed token cross-entropy over every assistant token of the
@@ -187,6 +188,10 @@ def train(cfg: TrainConfig, restart: bool = False) -> dict:
         from nanovl.train.vision import train_vision
 
         return train_vision(cfg, restart)
+    if cfg.stage == "readout":
+        from nanovl.train.readout import train_readout
+
+        return train_readout(cfg, restart)
     run = Run(cfg, restart)
     torch.manual_seed(cfg.seed)
     model, tok, encoder, tiles, ckpt = build_model(cfg)

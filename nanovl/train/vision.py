@@ -104,6 +104,18 @@ def eval_set(spec: TileSpec, patch: int, max_tiles: int | None) -> tuple[torch.T
     return torch.cat([p for p, _ in pairs]), torch.cat([t for _, t in pairs])
 
 
+def slot_loss(head: nn.Linear, feats: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The weighted slot cross-entropy of a character head on patch features (tiles, patches, width)
+    against (tiles, patches, SLOTS) class ids; empty slots weigh EMPTY_WEIGHT."""
+    logits = head(feats).unflatten(-1, (SLOTS, CLASSES))
+    if logits.shape[:3] != targets.shape:
+        raise DataError(f"the vision encoder gives {tuple(logits.shape[:2])} patch features per batch, "
+                        f"the targets are for {tuple(targets.shape[:2])}")  # fmt: skip
+    y = targets.flatten()
+    w = torch.where(y > 0, 1.0, EMPTY_WEIGHT)
+    return (F.cross_entropy(logits.float().flatten(0, 2), y, reduction="none") * w).sum() / w.sum()
+
+
 class CharHead(nn.Module):
     """The vision encoder with a linear per-patch character head; forward gives the weighted loss."""
 
@@ -116,13 +128,7 @@ class CharHead(nn.Module):
         return self.head(self.vision(pixels)).unflatten(-1, (SLOTS, CLASSES))  # (tiles, patches, SLOTS, C)
 
     def forward(self, pixels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = self.logits(pixels)
-        if logits.shape[:3] != targets.shape:
-            raise DataError(f"the vision encoder gives {tuple(logits.shape[:2])} patch features per batch, "
-                            f"the targets are for {tuple(targets.shape[:2])}")  # fmt: skip
-        y = targets.flatten()
-        w = torch.where(y > 0, 1.0, EMPTY_WEIGHT)
-        return (F.cross_entropy(logits.float().flatten(0, 2), y, reduction="none") * w).sum() / w.sum()
+        return slot_loss(self.head, self.vision(pixels), targets)
 
     @torch.no_grad()
     def char_accuracy(self, pixels: torch.Tensor, targets: torch.Tensor, batch: int = 32) -> float:
