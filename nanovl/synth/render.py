@@ -91,10 +91,12 @@ class Page:
 
     def write(self, parts: list[tuple[int, str]], y: int, face: tuple[str, int], fill=(20, 20, 20), sep=" ") -> int:
         """Draw each (x, text) of one visual line at height y; returns the line's bottom edge. A part
-        that would touch the previous one moves right, so strings never overlap."""
+        that would run past the page's right edge moves left, and one that would touch the previous
+        part moves right (so strings never overlap; a line too long for the page is cut)."""
         f = font(*face)
         items = []
         for x, text in parts:
+            x = min(x, self.width - 4 - math.ceil(f.getlength(text)))
             if items:
                 x = max(x, items[-1].bbox[2] + 12)
             self.draw.text((x, y), text, font=f, fill=fill)
