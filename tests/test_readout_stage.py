@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from nanovl.errors import DataError
-from nanovl.synth import make_doc
+from nanovl.synth import degrade, make_doc
 from nanovl.tiling import TileSpec, plan_tiles
 from nanovl.tiny import write_checkpoint
 from nanovl.tokenizer import Tokenizer
@@ -54,10 +54,34 @@ def test_single_lines_keep_one_line_and_paint_out_the_rest():
         assert "\n" not in s.text and s.text in w.text.splitlines()
         assert any(s.text in d for d in drawn)
         # rows outside the kept band are one flat colour; the kept rows still show ink
-        grey = s.pixels.mean(0)
+        assert s.pixels.shape[0] == 1 and s.plan.grid == (1, 1) and not s.plan.thumbnail
+        grey = s.pixels[0].mean(0)
         flat = (grey == grey[0, 0]).all(1) | (grey == grey[-1, -1]).all(1)
         assert flat.sum() > 100 and (grey[~flat] < 0.5).any()
         assert 0 < int((s.chars > 0).sum()) <= int((w.chars > 0).sum())
+
+
+def test_blocks_of_tiles_are_images_of_their_own_with_the_text_of_their_tiles():
+    tiles = doc_samples("invoice", 6, random.Random(3), SPEC, 16, None, lines=False)
+    blocks = doc_samples("invoice", 6, random.Random(3), SPEC, 16, None, lines=False, block=(2, 2))
+    assert blocks and all(b.plan.grid == (2, 2) and b.plan.thumbnail and b.pixels.shape[0] == 5 for b in blocks)
+    page = make_doc("invoice", 6, augment_strength=0).clean[0]
+    im, angle = degrade(page.image.copy(), random.Random(3))  # as doc_samples degrades the first page
+    plan = plan_tiles(SPEC, *im.size)
+    cols, rows = plan.grid
+    by_tile = dict(zip(sorted(tile_lines(page, angle, im.size, plan, 256)), tiles))
+
+    def drawn(text):  # the characters, without the separators the transcription puts between cells
+        return Counter(text.replace("|", "").replace("\n", "").replace(" ", ""))
+
+    places = [(c, r) for r in range(0, rows - 1, 2) for c in range(0, cols - 1, 2)]
+    assert len(blocks) == len(places)  # one page, text in every block
+    for b, (c, r) in zip(blocks, places):
+        # the block's grid tiles are the page's tiles at that place; the thumbnail has no character targets
+        assert (b.chars[4] == -1).all() and (b.chars[:4] >= 0).all()
+        inside = [by_tile[k] for k in ((r + i) * cols + c + j for i in (0, 1) for j in (0, 1)) if k in by_tile]
+        assert drawn(b.text) == sum((drawn(t.text) for t in inside), Counter())
+        assert torch.equal(b.pixels[0], inside[0].pixels[0]) if (r * cols + c) in by_tile else True
 
 
 def test_image_tokens_hold_the_2x2_patches_below_and_right_of_them():
@@ -118,6 +142,13 @@ def test_readout_stage_trains_resumes_and_exports(base):
     assert sorted({g["lr_scale"] for g in groups}) == [0.1, 1.0]
 
 
+def test_readout_stage_on_blocks_of_tiles(base):
+    out = train(stage(base, "blocks", steps=2, block=[2, 2], lines_steps=1))
+    assert 0 <= out["val_cer"] <= 1
+    rows = [json.loads(x) for x in (base / "blocks" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["char_loss"] > 0 for r in rows)
+
+
 def test_readout_stage_with_the_encoder_frozen_leaves_it_unchanged(base):
     train(stage(base, "frozen", steps=2, train_vision=False, char_loss=0.0, char_head=None))
     before, after = load_file(base / "base" / "model.safetensors"), load_file(base / "frozen/model/model.safetensors")
@@ -133,5 +164,7 @@ def test_readout_config_errors(base, tmp_path):
               train_vision=False)  # fmt: skip
     with pytest.raises(DataError, match="synthdocs"):
         stage(base, "e3", data=["x.jsonl"])
+    with pytest.raises(DataError, match="field 'block' must be"):
+        stage(base, "e5", block=[2])
     with pytest.raises(DataError, match="holds no stage-vision checkpoint"):
         train(stage(base, "e4", char_head=str(tmp_path)))

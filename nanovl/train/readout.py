@@ -34,12 +34,13 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 from torch import nn
 
@@ -65,80 +66,112 @@ COSINE_SCALE = 16.0  # embed_loss logits: this times the cosine
 
 @dataclass
 class TileSample:
-    pixels: torch.Tensor  # (3, S, S)
-    chars: torch.Tensor  # (patches, SLOTS): stage vision's targets for the characters kept
+    pixels: torch.Tensor  # (tiles, 3, S, S): the sample's image as the processor tiles it
+    chars: torch.Tensor  # (tiles, patches, SLOTS): stage vision's targets for the characters kept; -1 = none
     text: str
+    plan: TilePlan
 
 
-def tile_lines(page: Page, angle: float, size: tuple[int, int], plan: TilePlan, t: int) -> dict[int, list[tuple]]:
-    """grid tile -> its lines as (text, top, bottom, line number), top and bottom in tile pixels: per
-    drawn line, the characters whose centres fall in the tile, each item's part stripped."""
-    cols, rows = plan.grid
-    sx, sy = cols * t / size[0], rows * t / size[1]
-    out = defaultdict(list)
-    for n, line in enumerate(page.lines):
-        parts, span = defaultdict(list), {}
-        for item in line.items:
-            half = (item.bbox[3] - item.bbox[1]) / 2 * sy
-            inside = defaultdict(str)
-            for x, y, c in rotate_points(item.glyphs(), angle, size):
-                x, y = x * sx, y * sy
-                if not (0 <= x < cols * t and 0 <= y < rows * t):
-                    continue
-                k = int(y // t) * cols + int(x // t)
-                inside[k] += c
-                if not c.isspace():
-                    lo, hi = span.get(k, (t, 0.0))
-                    span[k] = (min(lo, y % t - half), max(hi, y % t + half))
-            for k, text in inside.items():
-                if text.strip():
-                    parts[k].append(text.strip())
-        for k, p in parts.items():
-            out[k].append((line.sep.join(p), *span[k], n))
+def page_glyphs(page: Page, angle: float, size: tuple[int, int], scale: tuple[float, float]) -> list[tuple]:
+    """Per drawn line: (separator, its items as lists of (x, y, character, half height)), positions on
+    the delivered page resized by `scale`."""
+    sx, sy = scale
+    return [(line.sep, [[(x * sx, y * sy, c, (item.bbox[3] - item.bbox[1]) / 2 * sy)
+                         for x, y, c in rotate_points(item.glyphs(), angle, size)] for item in line.items])
+            for line in page.lines]  # fmt: skip
+
+
+def region_lines(glyphs: list[tuple], box: tuple[float, float, float, float]) -> list[tuple]:
+    """The lines of region `box` (x0, y0, x1, y1) as (text, top, bottom, line number), top and bottom
+    in the region's pixels: per drawn line, the characters whose centres fall inside, each item's part
+    stripped, the parts joined by the line's separator."""
+    x0, y0, x1, y1 = box
+    out = []
+    for n, (sep, items) in enumerate(glyphs):
+        parts, top, bottom = [], float("inf"), float("-inf")
+        for item in items:
+            inside = [(y, c, h) for x, y, c, h in item if x0 <= x < x1 and y0 <= y < y1]
+            text = "".join(c for _, c, _ in inside).strip()
+            if text:
+                parts.append(text)
+                top = min([top] + [y - h for y, c, h in inside if not c.isspace()])
+                bottom = max([bottom] + [y + h for y, c, h in inside if not c.isspace()])
+        if parts:
+            out.append((sep.join(parts), top - y0, bottom - y0, n))
     return out
 
 
+def tile_lines(page: Page, angle: float, size: tuple[int, int], plan: TilePlan, t: int) -> dict[int, list[tuple]]:
+    """grid tile -> its `region_lines` (tiles without text left out)."""
+    cols, rows = plan.grid
+    glyphs = page_glyphs(page, angle, size, (cols * t / size[0], rows * t / size[1]))
+    found = {r * cols + c: region_lines(glyphs, (c * t, r * t, (c + 1) * t, (r + 1) * t))
+             for r in range(rows) for c in range(cols)}  # fmt: skip
+    return {k: v for k, v in found.items() if v}
+
+
 def doc_samples(kind: str, seed: int, rng: random.Random, spec: TileSpec, patch: int, max_tiles: int | None,
-                lines: bool) -> list[TileSample]:  # fmt: skip
-    """One document's samples: a whole tile each, or (lines) one line of each tile with the rest painted out."""
+                lines: bool, block: tuple[int, int] = (1, 1)) -> list[TileSample]:  # fmt: skip
+    """One document's samples: each block of `block` (columns, rows) grid tiles with text, at
+    block-aligned places, as an image of its own (the processor's tiles of it, thumbnail included when
+    it has one), with its text; with `lines`, one line of it, the other pixel rows painted over."""
     out, t = [], spec.tile_size
     for page in make_doc(kind, seed, augment_strength=0).clean:
         im, angle = degrade(page.image.copy(), rng)
         plan = plan_tiles(spec, *im.size, max_tiles)
-        found = tile_lines(page, angle, im.size, plan, t)
+        cols, rows = plan.grid
+        bw, bh = min(block[0], cols), min(block[1], rows)
+        glyphs = page_glyphs(page, angle, im.size, (cols * t / im.width, rows * t / im.height))
+        found = {}
+        for r in range(0, rows - bh + 1, bh):
+            for c in range(0, cols - bw + 1, bw):
+                if f := region_lines(glyphs, (c * t, r * t, (c + bw) * t, (r + bh) * t)):
+                    found[c, r] = f
         if not found:
             continue
+        sub = plan_tiles(spec, bw * t, bh * t, max(max_tiles or spec.max_tiles, bw * bh))
+        if sub.grid != (bw, bh):
+            raise DataError(f"block {bw}x{bh}: the tiling rule gives a {sub.grid} grid for its {bw * t}x{bh * t} px")
         chars = rotate_points(page_chars(page), angle, im.size)
-        tiles = make_tiles(im, spec, plan)
+        resized = im.resize((cols * t, rows * t), Image.Resampling.BICUBIC)
         whole = None if lines else patch_targets(chars, plan, spec, im.size, patch)
-        for k in sorted(found):
-            if not lines:
-                out.append(TileSample(tiles[k], whole[k], "\n".join(f[0] for f in found[k])))
-                continue
-            text, top, bottom, n = found[k][rng.randrange(len(found[k]))]
-            px = tiles[k].clone()
-            outside = torch.ones(t, dtype=torch.bool)
-            outside[max(0, int(top) - 2) : max(0, int(bottom) + 3)] = False
-            px[:, outside, :] = px.flatten(1).median(1).values[:, None, None]
-            y = patch_targets([c for c in chars if c[3] == n], plan, spec, im.size, patch)[k]
-            out.append(TileSample(px, y, text))
+        for (c, r), lines_here in found.items():
+            crop = resized.crop((c * t, r * t, (c + bw) * t, (r + bh) * t))
+            targets = whole
+            if lines:
+                text, top, bottom, n = lines_here[rng.randrange(len(lines_here))]
+                fill = tuple(int(v) for v in np.median(np.asarray(crop).reshape(-1, 3), axis=0))
+                draw, above, below = ImageDraw.Draw(crop), max(0, int(top) - 2), max(0, int(bottom) + 3)
+                if above > 0:
+                    draw.rectangle((0, 0, crop.width, above - 1), fill=fill)
+                if below < crop.height:
+                    draw.rectangle((0, below, crop.width, crop.height), fill=fill)
+                targets = patch_targets([ch for ch in chars if ch[3] == n], plan, spec, im.size, patch)
+            else:
+                text = "\n".join(f[0] for f in lines_here)
+            keep = [(r + i) * cols + c + j for i in range(bh) for j in range(bw)]
+            y = targets[keep]
+            if sub.thumbnail:
+                y = torch.cat([y, torch.full_like(y[:1], -1)])
+            out.append(TileSample(make_tiles(crop, spec, sub), y, text, sub))
     return out
 
 
 def step_samples(step: int, cfg: TrainConfig, spec: TileSpec, patch: int) -> list[TileSample]:
     """The samples of one optimizer step: deterministic in (seed, step); training seeds only."""
     rng = random.Random(f"readout:{cfg.seed}:{step}")
-    lines = step < cfg.lines_steps
+    lines, block = step < cfg.lines_steps, tuple(cfg.block)
     pool: list[TileSample] = []
     while len(pool) < cfg.batch_size:
-        pool += doc_samples(rng.choice(KINDS), rng.randrange(EVAL_SEED_START), rng, spec, patch, cfg.max_tiles, lines)
+        kind, seed = rng.choice(KINDS), rng.randrange(EVAL_SEED_START)
+        pool += doc_samples(kind, seed, rng, spec, patch, cfg.max_tiles, lines, block)
     return rng.sample(pool, cfg.batch_size)
 
 
-def eval_samples(spec: TileSpec, patch: int, max_tiles: int | None, lines: bool) -> list[TileSample]:
+def eval_samples(spec: TileSpec, patch: int, max_tiles: int | None, lines: bool, block=(1, 1)) -> list[TileSample]:
     pool = [s for k in KINDS for i in range(EVAL_DOCS)
             for s in doc_samples(k, EVAL_SEED_START + i, random.Random(f"readout-eval:{k}:{i}"), spec, patch,
-                                 max_tiles, lines)]  # fmt: skip
+                                 max_tiles, lines, block)]  # fmt: skip
     return pool[:: max(1, len(pool) // EVAL_TILES)][:EVAL_TILES]
 
 
@@ -178,7 +211,8 @@ class ReadoutModel(nn.Module):
 
     def embed_loss(self, img: torch.Tensor, chars: torch.Tensor) -> torch.Tensor:
         table = self.vlm.language_model.model.embed_tokens.weight
-        ids = self.char_ids[chars[:, self.cells].flatten(2)]  # (tiles, tokens, patches per token * SLOTS)
+        classes = chars[:, self.cells].flatten(2)  # (tiles, tokens, patches per token * SLOTS)
+        ids = torch.where(classes < 0, -1, self.char_ids[classes.clamp(min=0)])
         counts = torch.zeros(*ids.shape[:2], table.shape[0], device=img.device)
         counts.scatter_add_(-1, ids.clamp(min=0), (ids >= 0).float())
         has = counts.sum(-1) > 0
@@ -198,34 +232,36 @@ class ReadoutModel(nn.Module):
         return answer, char, self.embed_loss(img, chars)
 
 
-def encode(samples: list[TileSample], encoder: Encoder, plan: TilePlan, pad_id: int):
-    """(ids, targets) (B, L), right-padded, and the prompt's length (the same for every sample)."""
+def encode(samples: list[TileSample], encoder: Encoder, pad_id: int):
+    """(ids, targets) (B, L), right-padded, and each prompt's length."""
     rows = []
     for s in samples:
         msgs = [{"role": "user", "content": "<image>\n" + TRANSCRIBE}, {"role": "assistant", "content": s.text}]
-        rows.append(encoder.encode(Record("readout", msgs, []), [plan]))
+        rows.append(encoder.encode(Record("readout", msgs, []), [s.plan]))
     L = max(len(e.ids) for e in rows)
     ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
     targets = torch.full((len(rows), L), IGNORE, dtype=torch.long)
     for b, e in enumerate(rows):
         ids[b, : len(e.ids)], targets[b, : len(e.ids)] = torch.tensor(e.ids), torch.tensor(e.targets)
-    prompt = next(i for i, t in enumerate(rows[0].targets) if t != IGNORE) + 1
-    return ids, targets, prompt
+    prompts = [next(i for i, t in enumerate(e.targets) if t != IGNORE) + 1 for e in rows]
+    return ids, targets, prompts
 
 
 @torch.no_grad()
-def transcribe_cer(model: ReadoutModel, samples: list[TileSample], encoder: Encoder, plan: TilePlan, tok,
-                   eos_ids, batch: int = 16) -> float:  # fmt: skip
+def transcribe_cer(model: ReadoutModel, samples: list[TileSample], encoder: Encoder, tok, eos_ids,
+                   batch: int = 16) -> float:  # fmt: skip
     """Greedy transcriptions of the samples -> CER over all their gold characters."""
     lm, edits, chars = model.vlm.language_model, 0.0, 0
     for i in range(0, len(samples), batch):
         part = samples[i : i + batch]
-        ids, targets, prompt = encode(part, encoder, plan, 0)
+        ids, targets, prompts = encode(part, encoder, 0)
         longest = int((targets != IGNORE).sum(1).max())
-        _, img = model.image_embeds(torch.stack([s.pixels for s in part]).to(lm.device))
-        ids = ids[:, :prompt].to(lm.device)
+        _, img = model.image_embeds(torch.cat([s.pixels for s in part]).to(lm.device))
+        ids = ids.to(lm.device)
         x = merge_embeddings(lm.embed(ids), ids, model.context_id, img.flatten(0, 1))
-        gen = TokenGenerator(lm, ids.tolist(), SamplingParams(max_new_tokens=longest + 16), eos_ids, embeds=list(x))
+        prompt_ids = [row[:n].tolist() for row, n in zip(ids, prompts)]
+        embeds = [row[:n] for row, n in zip(x, prompts)]
+        gen = TokenGenerator(lm, prompt_ids, SamplingParams(max_new_tokens=longest + 16), eos_ids, embeds=embeds)
         for _ in gen:
             pass
         for s, out in zip(part, gen.output_ids):
@@ -243,16 +279,16 @@ class ReadoutStage(Stage):
                  pad_id: int):  # fmt: skip
         self.run, self.model, self.spec, self.patch, self.encoder = run, model, spec, patch, encoder
         self.tok, self.eos_ids, self.pad_id = tok, eos_ids, pad_id
-        self.plan = TilePlan((1, 1), False, spec.tokens_per_tile)
-        self.val = {name: eval_samples(spec, patch, run.cfg.max_tiles, lines) for name, lines in
+        block = tuple(run.cfg.block)
+        self.val = {name: eval_samples(spec, patch, run.cfg.max_tiles, lines, block) for name, lines in
                     (("val_cer", False), ("val_line_cer", True))}  # fmt: skip
 
     def step(self, step: int) -> dict[str, float]:
         cfg, device = self.run.cfg, self.run.device
         samples = step_samples(step, cfg, self.spec, self.patch)
-        ids, targets, _ = encode(samples, self.encoder, self.plan, self.pad_id)
+        ids, targets, _ = encode(samples, self.encoder, self.pad_id)
         n = int((targets != IGNORE).sum())
-        pixels, chars = torch.stack([s.pixels for s in samples]), torch.stack([s.chars for s in samples])
+        pixels, chars = torch.cat([s.pixels for s in samples]), torch.cat([s.chars for s in samples])
         with self.run.autocast():
             answer, char, embed = self.model(ids.to(device), targets.to(device), pixels.to(device), chars.to(device))
         (answer / n + cfg.char_loss * char + cfg.embed_loss * embed).backward()
@@ -265,7 +301,7 @@ class ReadoutStage(Stage):
 
     def at_save(self) -> dict:
         self.model.eval()
-        out = {name: transcribe_cer(self.model, samples, self.encoder, self.plan, self.tok, self.eos_ids)
+        out = {name: transcribe_cer(self.model, samples, self.encoder, self.tok, self.eos_ids)
                for name, samples in self.val.items()}  # fmt: skip
         self.model.train()
         return out

@@ -106,14 +106,15 @@ def eval_set(spec: TileSpec, patch: int, max_tiles: int | None) -> tuple[torch.T
 
 def slot_loss(head: nn.Linear, feats: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The weighted slot cross-entropy of a character head on patch features (tiles, patches, width)
-    against (tiles, patches, SLOTS) class ids; empty slots weigh EMPTY_WEIGHT."""
+    against (tiles, patches, SLOTS) class ids; empty slots weigh EMPTY_WEIGHT, -1 slots nothing."""
     logits = head(feats).unflatten(-1, (SLOTS, CLASSES))
     if logits.shape[:3] != targets.shape:
         raise DataError(f"the vision encoder gives {tuple(logits.shape[:2])} patch features per batch, "
                         f"the targets are for {tuple(targets.shape[:2])}")  # fmt: skip
     y = targets.flatten()
-    w = torch.where(y > 0, 1.0, EMPTY_WEIGHT)
-    return (F.cross_entropy(logits.float().flatten(0, 2), y, reduction="none") * w).sum() / w.sum()
+    w = torch.where(y > 0, 1.0, EMPTY_WEIGHT) * (y >= 0)  # -1: not labelled (a thumbnail), no loss
+    loss = F.cross_entropy(logits.float().flatten(0, 2), y.clamp(min=0), reduction="none")
+    return (loss * w).sum() / w.sum().clamp(min=1e-6)
 
 
 class CharHead(nn.Module):
