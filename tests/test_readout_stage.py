@@ -17,7 +17,14 @@ from nanovl.tiling import TileSpec, plan_tiles
 from nanovl.tiny import write_checkpoint
 from nanovl.tokenizer import Tokenizer
 from nanovl.train.config import load_train_config
-from nanovl.train.readout import char_token_ids, doc_samples, shuffle_cells, tile_lines
+from nanovl.train.readout import (
+    char_token_ids,
+    doc_samples,
+    page_samples,
+    random_text_page,
+    shuffle_cells,
+    tile_lines,
+)
 from nanovl.train.trainer import train
 from nanovl.train.vision import CHARSET
 
@@ -84,6 +91,20 @@ def test_blocks_of_tiles_are_images_of_their_own_with_the_text_of_their_tiles():
         assert torch.equal(b.pixels[0], inside[0].pixels[0]) if (r * cols + c) in by_tile else True
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_random_text_tiles_show_the_strings_they_are_labelled_with(seed):
+    rng = random.Random(seed)
+    page = random_text_page(rng, 256, 6)
+    assert all(item.bbox[2] <= 256 - 4 and item.bbox[3] <= 256 for item in page.items)
+    (sample,) = page_samples(page, rng, SPEC, 16, None, False, (1, 1))
+    drawn = Counter(c for item in page.items for c in item.text if not c.isspace())
+    got = Counter(c for c in sample.text if not c.isspace())
+    assert not got - drawn and sum(got.values()) >= 0.95 * sum(drawn.values())
+    # one line: the label is one of the drawn lines (or the part of it left inside the tile)
+    (line,) = page_samples(random_text_page(rng, 256, 1), rng, SPEC, 16, None, True, (1, 1))
+    assert "\n" not in line.text and line.text
+
+
 def test_image_tokens_hold_the_2x2_patches_below_and_right_of_them():
     cells = shuffle_cells(256, 0.5, "v2")
     assert cells.shape == (64, 4)
@@ -143,7 +164,7 @@ def test_readout_stage_trains_resumes_and_exports(base):
 
 
 def test_readout_stage_on_blocks_of_tiles(base):
-    out = train(stage(base, "blocks", steps=2, block=[2, 2], lines_steps=1))
+    out = train(stage(base, "blocks", steps=2, block=[2, 2], lines_steps=1, random_text=0.5))
     assert 0 <= out["val_cer"] <= 1
     rows = [json.loads(x) for x in (base / "blocks" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["char_loss"] > 0 for r in rows)
@@ -166,5 +187,7 @@ def test_readout_config_errors(base, tmp_path):
         stage(base, "e3", data=["x.jsonl"])
     with pytest.raises(DataError, match="field 'block' must be"):
         stage(base, "e5", block=[2])
+    with pytest.raises(DataError, match="field 'random_text' must be in"):
+        stage(base, "e6", random_text=1.5)
     with pytest.raises(DataError, match="holds no stage-vision checkpoint"):
         train(stage(base, "e4", char_head=str(tmp_path)))

@@ -31,6 +31,8 @@ def cmd_train(args):
     summary = train(cfg, restart=args.restart)
     if summary.get("saved"):
         acc = f", held-out character accuracy {summary['val_char_acc']:.3f}" if summary.get("val_char_acc") else ""
+        if summary.get("val_cer") is not None:
+            acc = f", held-out CER {summary['val_cer']:.3f} (single lines {summary['val_line_cer']:.3f})"
         loss = f"final loss {summary['loss']:.4f}{acc}"
         if summary.get("already_done"):  # its checkpoint is at the last step: nothing was trained
             print(f"nanovl train: already finished ({summary['steps']} steps, {loss}); saved {summary['saved']}; "

@@ -67,6 +67,7 @@ class TrainConfig:
     vision_lr_scale: float = 1.0  # the encoder's lr is lr * vision_lr_scale where it trains
     lines_steps: int = 0  # readout: the first steps transcribe single text lines, then whole tiles
     block: list[int] = field(default_factory=lambda: [1, 1])  # readout: (columns, rows) of grid tiles a sample
+    random_text: float = 0.0  # readout: share of each step's samples that are tiles of random strings
     char_loss: float = 0.0  # readout: weight of stage vision's per-patch character loss, kept as an auxiliary
     embed_loss: float = 0.0  # readout: weight of the loss pulling image tokens toward their characters' embeddings
     char_head: str | None = None  # readout: a stage-vision out folder whose character head char_loss starts from
@@ -107,13 +108,15 @@ def _check(cfg: TrainConfig, path: Path, text: str):
         bad("stage", "vision trains the vision encoder alone: no lora, text_data or train_vision")
     if cfg.stage == "readout" and (cfg.lora or cfg.text_data):
         bad("stage", "readout trains on rendered tiles alone: no lora or text_data")
-    readout_only = {"lines_steps": 0, "char_loss": 0.0, "embed_loss": 0.0, "char_head": None, "block": [1, 1]}
+    readout_only = dict(lines_steps=0, char_loss=0.0, embed_loss=0.0, char_head=None, block=[1, 1], random_text=0.0)
     for name, default in readout_only.items():
         if cfg.stage != "readout" and getattr(cfg, name) != default:
             bad(name, "is a field of stage readout")
     block = cfg.block
     if not isinstance(block, list) or len(block) != 2 or not all(isinstance(v, int) and v >= 1 for v in block):
         bad("block", "must be [columns, rows] of grid tiles, each >= 1")
+    if not 0 <= cfg.random_text <= 1:
+        bad("random_text", "must be in [0, 1]")
     if not isinstance(cfg.lines_steps, int) or cfg.lines_steps < 0:
         bad("lines_steps", "must be a non-negative integer")
     for name in ("char_loss", "embed_loss"):

@@ -50,7 +50,8 @@ from nanovl.errors import DataError
 from nanovl.eval.metrics import cer
 from nanovl.models.projector import pixel_shuffle
 from nanovl.models.vlm import merge_embeddings
-from nanovl.synth import EVAL_SEED_START, KINDS, Page, degrade, make_doc, rotate_points
+from nanovl.synth import EVAL_SEED_START, KINDS, Page, degrade, fonts_available, make_doc, rotate_points
+from nanovl.synth.kinds import CITIES, FIRST, GROCERY, LAST, STEMS, TRADE, ink, new_page
 from nanovl.synth.records import TRANSCRIBE
 from nanovl.tiling import TilePlan, TileSpec, make_tiles, plan_tiles
 from nanovl.train.config import TrainConfig, config_dict
@@ -110,62 +111,112 @@ def tile_lines(page: Page, angle: float, size: tuple[int, int], plan: TilePlan, 
     return {k: v for k, v in found.items() if v}
 
 
+WORDS = FIRST + LAST + CITIES + STEMS + TRADE + GROCERY
+
+
+def random_string(rng: random.Random) -> str:
+    """A string with no language to lean on: random characters, number-like strings, or a word."""
+    pick = rng.random()
+    if pick < 0.4:
+        return "".join(rng.choice(CHARSET[:94]) for _ in range(rng.randint(1, 10)))
+    if pick < 0.7:
+        forms = ("{:,}.{:02d}", "{:d}.{:02d}", "{:d}/{:02d}", "{:d}-{:02d}", "{:d}:{:02d}", "{:d},{:02d}")
+        return rng.choice(forms).format(rng.randint(0, 99999), rng.randint(0, 99))
+    word = rng.choice(WORDS)
+    return rng.choice((word, word.upper(), word.lower()))
+
+
+def random_text_page(rng: random.Random, size: int, lines: int) -> Page:
+    """A tile-sized page of `lines` lines of random strings, in the documents' fonts, sizes and inks."""
+    f = fonts_available()
+    page = new_page(rng, size, size)
+    y = rng.randint(2, 40)
+    for _ in range(lines):
+        style = rng.choice(("regular", "regular", "bold", "mono"))
+        face = (rng.choice(f[style]), rng.randint(11, 22))
+        parts, x = [], rng.randint(2, 60)
+        while not parts or rng.random() < 0.8:
+            text = random_string(rng)
+            if x + page.text_width(text, face) > size - 4:
+                break
+            parts.append((x, text))
+            x += page.text_width(text, face) + rng.randint(12, 60)
+        if not parts:
+            continue
+        bottom = page.write(parts, y, face, fill=ink(rng), sep=" ")
+        y = bottom + rng.randint(3, 14)
+        if y > size - 24:
+            break
+    return page
+
+
+def page_samples(page: Page, rng: random.Random, spec: TileSpec, patch: int, max_tiles: int | None, lines: bool,
+                 block: tuple[int, int]) -> list[TileSample]:  # fmt: skip
+    """One page's samples (see `doc_samples`)."""
+    out, t = [], spec.tile_size
+    im, angle = degrade(page.image.copy(), rng)
+    plan = plan_tiles(spec, *im.size, max_tiles)
+    cols, rows = plan.grid
+    bw, bh = min(block[0], cols), min(block[1], rows)
+    glyphs = page_glyphs(page, angle, im.size, (cols * t / im.width, rows * t / im.height))
+    found = {}
+    for r in range(0, rows - bh + 1, bh):
+        for c in range(0, cols - bw + 1, bw):
+            if f := region_lines(glyphs, (c * t, r * t, (c + bw) * t, (r + bh) * t)):
+                found[c, r] = f
+    if not found:
+        return out
+    sub = plan_tiles(spec, bw * t, bh * t, max(max_tiles or spec.max_tiles, bw * bh))
+    if sub.grid != (bw, bh):
+        raise DataError(f"block {bw}x{bh}: the tiling rule gives a {sub.grid} grid for its {bw * t}x{bh * t} px")
+    chars = rotate_points(page_chars(page), angle, im.size)
+    resized = im.resize((cols * t, rows * t), Image.Resampling.BICUBIC)
+    whole = None if lines else patch_targets(chars, plan, spec, im.size, patch)
+    for (c, r), lines_here in found.items():
+        crop = resized.crop((c * t, r * t, (c + bw) * t, (r + bh) * t))
+        targets = whole
+        if lines:
+            text, top, bottom, n = lines_here[rng.randrange(len(lines_here))]
+            fill = tuple(int(v) for v in np.median(np.asarray(crop).reshape(-1, 3), axis=0))
+            draw, above, below = ImageDraw.Draw(crop), max(0, int(top) - 2), max(0, int(bottom) + 3)
+            if above > 0:
+                draw.rectangle((0, 0, crop.width, above - 1), fill=fill)
+            if below < crop.height:
+                draw.rectangle((0, below, crop.width, crop.height), fill=fill)
+            targets = patch_targets([ch for ch in chars if ch[3] == n], plan, spec, im.size, patch)
+        else:
+            text = "\n".join(f[0] for f in lines_here)
+        keep = [(r + i) * cols + c + j for i in range(bh) for j in range(bw)]
+        y = targets[keep]
+        if sub.thumbnail:
+            y = torch.cat([y, torch.full_like(y[:1], -1)])
+        out.append(TileSample(make_tiles(crop, spec, sub), y, text, sub))
+    return out
+
+
 def doc_samples(kind: str, seed: int, rng: random.Random, spec: TileSpec, patch: int, max_tiles: int | None,
                 lines: bool, block: tuple[int, int] = (1, 1)) -> list[TileSample]:  # fmt: skip
     """One document's samples: each block of `block` (columns, rows) grid tiles with text, at
     block-aligned places, as an image of its own (the processor's tiles of it, thumbnail included when
     it has one), with its text; with `lines`, one line of it, the other pixel rows painted over."""
-    out, t = [], spec.tile_size
-    for page in make_doc(kind, seed, augment_strength=0).clean:
-        im, angle = degrade(page.image.copy(), rng)
-        plan = plan_tiles(spec, *im.size, max_tiles)
-        cols, rows = plan.grid
-        bw, bh = min(block[0], cols), min(block[1], rows)
-        glyphs = page_glyphs(page, angle, im.size, (cols * t / im.width, rows * t / im.height))
-        found = {}
-        for r in range(0, rows - bh + 1, bh):
-            for c in range(0, cols - bw + 1, bw):
-                if f := region_lines(glyphs, (c * t, r * t, (c + bw) * t, (r + bh) * t)):
-                    found[c, r] = f
-        if not found:
-            continue
-        sub = plan_tiles(spec, bw * t, bh * t, max(max_tiles or spec.max_tiles, bw * bh))
-        if sub.grid != (bw, bh):
-            raise DataError(f"block {bw}x{bh}: the tiling rule gives a {sub.grid} grid for its {bw * t}x{bh * t} px")
-        chars = rotate_points(page_chars(page), angle, im.size)
-        resized = im.resize((cols * t, rows * t), Image.Resampling.BICUBIC)
-        whole = None if lines else patch_targets(chars, plan, spec, im.size, patch)
-        for (c, r), lines_here in found.items():
-            crop = resized.crop((c * t, r * t, (c + bw) * t, (r + bh) * t))
-            targets = whole
-            if lines:
-                text, top, bottom, n = lines_here[rng.randrange(len(lines_here))]
-                fill = tuple(int(v) for v in np.median(np.asarray(crop).reshape(-1, 3), axis=0))
-                draw, above, below = ImageDraw.Draw(crop), max(0, int(top) - 2), max(0, int(bottom) + 3)
-                if above > 0:
-                    draw.rectangle((0, 0, crop.width, above - 1), fill=fill)
-                if below < crop.height:
-                    draw.rectangle((0, below, crop.width, crop.height), fill=fill)
-                targets = patch_targets([ch for ch in chars if ch[3] == n], plan, spec, im.size, patch)
-            else:
-                text = "\n".join(f[0] for f in lines_here)
-            keep = [(r + i) * cols + c + j for i in range(bh) for j in range(bw)]
-            y = targets[keep]
-            if sub.thumbnail:
-                y = torch.cat([y, torch.full_like(y[:1], -1)])
-            out.append(TileSample(make_tiles(crop, spec, sub), y, text, sub))
-    return out
+    pages = make_doc(kind, seed, augment_strength=0).clean
+    return [s for page in pages for s in page_samples(page, rng, spec, patch, max_tiles, lines, block)]
 
 
 def step_samples(step: int, cfg: TrainConfig, spec: TileSpec, patch: int) -> list[TileSample]:
     """The samples of one optimizer step: deterministic in (seed, step); training seeds only."""
     rng = random.Random(f"readout:{cfg.seed}:{step}")
     lines, block = step < cfg.lines_steps, tuple(cfg.block)
+    n_random = round(cfg.random_text * cfg.batch_size)
+    noise = []
+    while len(noise) < n_random:
+        page = random_text_page(rng, spec.tile_size, 1 if lines else rng.randint(1, 10))
+        noise += page_samples(page, rng, spec, patch, cfg.max_tiles, lines, (1, 1))
     pool: list[TileSample] = []
-    while len(pool) < cfg.batch_size:
+    while len(pool) < cfg.batch_size - n_random:
         kind, seed = rng.choice(KINDS), rng.randrange(EVAL_SEED_START)
         pool += doc_samples(kind, seed, rng, spec, patch, cfg.max_tiles, lines, block)
-    return rng.sample(pool, cfg.batch_size)
+    return rng.sample(pool, cfg.batch_size - n_random) + noise[:n_random]
 
 
 def eval_samples(spec: TileSpec, patch: int, max_tiles: int | None, lines: bool, block=(1, 1)) -> list[TileSample]:
