@@ -13,7 +13,7 @@ import pytest
 
 from nanovl.errors import NanovlError
 from nanovl.synth import EVAL_SEED_START, KINDS, make_doc, write_dataset
-from nanovl.synth.records import text_instruction
+from nanovl.synth.records import COPY, copy_instruction, text_instruction
 from nanovl.synth.render import item_matches
 
 SEEDS = [0, 7, 123]
@@ -196,6 +196,17 @@ def test_text_instructions_are_deterministic_and_right():
         elif q.startswith("Write the name"):
             name, city = re.search(r"Name: (.*?)\.", q)[1], re.search(r"City: (.*?)\.", q)[1]
             assert json.loads(a) == {"name": name, "city": city}
+
+
+def test_copy_tasks_repeat_their_text_and_are_written_by_synth(tmp_path):
+    assert copy_instruction(5) == copy_instruction(5) != copy_instruction(6)
+    for s in range(30):
+        q, a = (m["content"] for m in copy_instruction(s)["messages"])
+        assert q == f"{COPY}\n{a}" and a.strip() and len(a.splitlines()) <= 6
+    counts = write_dataset(tmp_path, 0, copy_count=7)
+    assert counts == {"copy.jsonl": 7}
+    rows = [json.loads(x) for x in (tmp_path / "copy.jsonl").read_text().splitlines()]
+    assert [r["meta"]["task"] for r in rows] == ["copy"] * 7 and all(r["images"] == [] for r in rows)
 
 
 def test_qa_conversations_hold_every_question_in_a_varying_order():

@@ -57,6 +57,22 @@ class Doc:
         return "\n\n".join(p.transcription for p in self.clean)
 
 
+PRINTABLE = "".join(chr(c) for c in range(33, 127))
+
+
+def random_string(rng) -> str:
+    """A string with no language to lean on: random printable characters, a number-like string, or
+    one word (as drawn, upper or lower case)."""
+    pick = rng.random()
+    if pick < 0.4:
+        return "".join(rng.choice(PRINTABLE) for _ in range(rng.randint(1, 10)))
+    if pick < 0.7:
+        forms = ("{:,}.{:02d}", "{:d}.{:02d}", "{:d}/{:02d}", "{:d}-{:02d}", "{:d}:{:02d}", "{:d},{:02d}")
+        return rng.choice(forms).format(rng.randint(0, 99999), rng.randint(0, 99))
+    word = rng.choice(FIRST + LAST + CITIES + STEMS + TRADE + GROCERY)
+    return rng.choice((word, word.upper(), word.lower()))
+
+
 def money(cents: int, cur: tuple[str, str]) -> str:
     return f"{cur[0]}{cents // 100:,}.{cents % 100:02d}{cur[1]}"
 

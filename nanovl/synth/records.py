@@ -28,13 +28,25 @@ from pathlib import Path
 from tqdm import tqdm
 
 from nanovl.errors import NanovlError
-from nanovl.synth.kinds import CITIES, EVAL_SEED_START, FIRST, GROCERY, KINDS, LAST, Doc, company, make_doc
+from nanovl.synth.kinds import (
+    CITIES,
+    EVAL_SEED_START,
+    FIRST,
+    GROCERY,
+    KINDS,
+    LAST,
+    Doc,
+    company,
+    make_doc,
+    random_string,
+)
 from nanovl.synth.render import Page, rotate_points
 
 TASKS = ("transcribe", "interleaved", "qa", "extract", "text")  # crops: on request (`--crops N`)
 CROP_SIZES = ((256, 256), (256, 256), (512, 256), (512, 512))  # (w, h), drawn uniformly
 TRANSCRIBE = "Transcribe the text of this document."
 EXTRACT = "Extract the key fields of this document as JSON."
+COPY = "Copy this text exactly:"
 
 
 def question_order(kind: str, seed: int, qa: list) -> list:
@@ -105,6 +117,15 @@ def eval_records(doc: Doc, paths: list[str]) -> list[dict]:
     recs.append({"id": f"{doc.kind}-{doc.seed}-t", "question": TRANSCRIBE, "answers": [doc.transcription],
                  "type": "transcription", "max_tokens": 1024, **base})  # fmt: skip
     return recs
+
+
+def copy_instruction(seed: int, split: str = "train") -> dict:
+    """One text-only copy task: lines of random strings to repeat exactly (deterministic per seed); a
+    decoder trained from scratch learns copying from its context here, on text alone."""
+    rng = random.Random(f"copy:{seed}")
+    text = "\n".join(" ".join(random_string(rng) for _ in range(rng.randint(1, 5))) for _ in range(rng.randint(1, 6)))
+    meta = {"kind": "copy", "seed": seed, "split": split, "task": "copy"}
+    return _conv(f"copy-{seed}", [], [f"{COPY}\n{text}", text], meta)
 
 
 def text_instruction(seed: int, split: str = "train") -> dict:
@@ -195,10 +216,12 @@ def write_dataset(
     augment: float = 1.0,
     workers: int = 1,
     crops: int = 0,
+    copy_count: int = 0,
 ) -> dict[str, int]:
     """Render `count` documents per kind with seeds start.. (eval: EVAL_SEED_START + start..) into
     OUT/images and the task JSONL files (with `crops` > 0, also that many crops per page in
-    crops.jsonl); returns the record count per file."""
+    crops.jsonl; `text_count` text instructions in text.jsonl, `copy_count` copy tasks in copy.jsonl);
+    returns the record count per file."""
     if split not in ("train", "eval"):
         raise NanovlError(f"split must be train or eval, not {split!r}")
     unknown = [k for k in kinds if k not in KINDS]
@@ -224,6 +247,7 @@ def write_dataset(
     single = [r for r in per_task["interleaved"] if len(r["images"]) == 1]
     per_task["interleaved"] = [r for r in per_task["interleaved"] if len(r["images"]) > 1] + interleave(single, rng)
     per_task["text"] = [text_instruction(s, split) for s in range(first, first + text_count)]
+    per_task["copy"] = [copy_instruction(s, split) for s in range(first, first + copy_count)]
     counts = {}
     for task, rs in per_task.items():
         if rs:

@@ -12,7 +12,16 @@ def cmd_synth(args):
 
     kinds = args.kinds.split(",") if args.kinds else list(KINDS)
     counts = write_dataset(
-        args.out, args.count, kinds, args.start, args.split, args.text, args.augment, args.workers, args.crops
+        args.out,
+        args.count,
+        kinds,
+        args.start,
+        args.split,
+        args.text,
+        args.augment,
+        args.workers,
+        args.crops,
+        args.copy,
     )
     for name, n in counts.items():
         print(f"{args.out}/{name}: {n} records")
@@ -62,6 +71,7 @@ def add_train_commands(sub: argparse._SubParsersAction):
     p.add_argument("--start", type=int, default=0, help="first seed (eval seeds are offset into a reserved range)")
     p.add_argument("--split", choices=["train", "eval"], default="train", help="eval also writes eval.jsonl")
     p.add_argument("--text", type=int, default=0, help="text-only instruction samples to write (text.jsonl)")
+    p.add_argument("--copy", type=int, default=0, help="text-only copy tasks of random strings to write (copy.jsonl)")
     p.add_argument("--augment", type=float, default=1.0, help="degradation strength, 0 = clean pages (default 1)")
     p.add_argument("--workers", type=int, default=1, help="rendering processes (default 1)")
     p.add_argument(

@@ -51,7 +51,7 @@ from nanovl.eval.metrics import cer
 from nanovl.models.projector import pixel_shuffle
 from nanovl.models.vlm import merge_embeddings
 from nanovl.synth import EVAL_SEED_START, KINDS, Page, degrade, fonts_available, make_doc, rotate_points
-from nanovl.synth.kinds import CITIES, FIRST, GROCERY, LAST, STEMS, TRADE, ink, new_page
+from nanovl.synth.kinds import ink, new_page, random_string
 from nanovl.synth.records import TRANSCRIBE
 from nanovl.tiling import TilePlan, TileSpec, make_tiles, plan_tiles
 from nanovl.train.config import TrainConfig, config_dict
@@ -109,21 +109,6 @@ def tile_lines(page: Page, angle: float, size: tuple[int, int], plan: TilePlan, 
     found = {r * cols + c: region_lines(glyphs, (c * t, r * t, (c + 1) * t, (r + 1) * t))
              for r in range(rows) for c in range(cols)}  # fmt: skip
     return {k: v for k, v in found.items() if v}
-
-
-WORDS = FIRST + LAST + CITIES + STEMS + TRADE + GROCERY
-
-
-def random_string(rng: random.Random) -> str:
-    """A string with no language to lean on: random characters, number-like strings, or a word."""
-    pick = rng.random()
-    if pick < 0.4:
-        return "".join(rng.choice(CHARSET[:94]) for _ in range(rng.randint(1, 10)))
-    if pick < 0.7:
-        forms = ("{:,}.{:02d}", "{:d}.{:02d}", "{:d}/{:02d}", "{:d}-{:02d}", "{:d}:{:02d}", "{:d},{:02d}")
-        return rng.choice(forms).format(rng.randint(0, 99999), rng.randint(0, 99))
-    word = rng.choice(WORDS)
-    return rng.choice((word, word.upper(), word.lower()))
 
 
 def random_text_page(rng: random.Random, size: int, lines: int) -> Page:
