@@ -96,7 +96,7 @@ class Page:
         f = font(*face)
         items = []
         for x, text in parts:
-            x = min(x, self.width - 4 - math.ceil(f.getlength(text)))
+            x = max(0, min(x, self.width - 4 - math.ceil(f.getlength(text))))
             if items:
                 x = max(x, items[-1].bbox[2] + 12)
             self.draw.text((x, y), text, font=f, fill=fill)
