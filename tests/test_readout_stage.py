@@ -20,15 +20,25 @@ from nanovl.train.config import load_train_config
 from nanovl.train.readout import (
     char_token_ids,
     doc_samples,
+    page_glyphs,
     page_samples,
     random_text_page,
+    region_lines,
     shuffle_cells,
-    tile_lines,
 )
 from nanovl.train.trainer import train
 from nanovl.train.vision import CHARSET
 
 SPEC = TileSpec("nano_vl", 256, 1, 12, True, 64)
+
+
+def tile_lines(page, angle, size, plan, t):
+    """grid tile -> its `region_lines` (tiles without text left out)."""
+    cols, rows = plan.grid
+    glyphs = page_glyphs(page, angle, size, (cols * t / size[0], rows * t / size[1]))
+    found = {r * cols + c: region_lines(glyphs, (c * t, r * t, (c + 1) * t, (r + 1) * t))
+             for r in range(rows) for c in range(cols)}  # fmt: skip
+    return {k: v for k, v in found.items() if v}
 
 
 @pytest.mark.parametrize("kind", ["invoice", "form", "table"])

@@ -32,7 +32,6 @@ tile it searches 64, and a line is one left-to-right pass.
 from __future__ import annotations
 
 import json
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +57,7 @@ from nanovl.train.config import TrainConfig, config_dict
 from nanovl.train.data import IGNORE, Encoder, Record
 from nanovl.train.export import export_model
 from nanovl.train.loop import Checkpoints, Run, Stage
-from nanovl.train.vision import CHARSET, CLASSES, SLOTS, page_chars, patch_targets, slot_loss
+from nanovl.train.vision import CHARSET, CLASSES, SLOTS, open_synth_stage, page_chars, patch_targets, slot_loss
 
 EVAL_DOCS = 2  # held-out documents per kind
 EVAL_TILES = 48  # held-out tiles scored at each save, for whole tiles and for single lines
@@ -102,15 +101,6 @@ def region_lines(glyphs: list[tuple], box: tuple[float, float, float, float]) ->
     return out
 
 
-def tile_lines(page: Page, angle: float, size: tuple[int, int], plan: TilePlan, t: int) -> dict[int, list[tuple]]:
-    """grid tile -> its `region_lines` (tiles without text left out)."""
-    cols, rows = plan.grid
-    glyphs = page_glyphs(page, angle, size, (cols * t / size[0], rows * t / size[1]))
-    found = {r * cols + c: region_lines(glyphs, (c * t, r * t, (c + 1) * t, (r + 1) * t))
-             for r in range(rows) for c in range(cols)}  # fmt: skip
-    return {k: v for k, v in found.items() if v}
-
-
 def random_text_page(rng: random.Random, size: int, lines: int) -> Page:
     """A tile-sized page of `lines` lines of random strings, in the documents' fonts, sizes and inks."""
     f = fonts_available()
@@ -122,10 +112,11 @@ def random_text_page(rng: random.Random, size: int, lines: int) -> Page:
         parts, x = [], rng.randint(2, 60)
         while not parts or rng.random() < 0.8:
             text = random_string(rng)
-            if x + page.text_width(text, face) > size - 4:
+            width = page.text_width(text, face)
+            if x + width > size - 4:
                 break
             parts.append((x, text))
-            x += page.text_width(text, face) + rng.randint(12, 60)
+            x += width + rng.randint(12, 60)
         if not parts:
             continue
         bottom = page.write(parts, y, face, fill=ink(rng), sep=" ")
@@ -364,20 +355,11 @@ def load_char_head(folder: str | None, width: int) -> nn.Linear:
 
 def train_readout(cfg: TrainConfig, restart: bool = False) -> dict:
     """The read-out stage (see the module docstring); resumable like every stage."""
-    from nanovl.checkpoint import load_config, load_vlm
-    from nanovl.models import is_vlm
     from nanovl.tokenizer import Tokenizer
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise DataError("stage readout runs in one process; start it without torchrun")
-    run = Run(cfg, restart)
-    ckpt = load_config(cfg.model)
-    if not is_vlm(ckpt.architecture):
-        raise DataError(f"{cfg.model}: stage readout needs a vision-language checkpoint, not {ckpt.architecture}")
-    vlm, _ = load_vlm(cfg.model, dtype="float32")
+    run, ckpt, vlm = open_synth_stage(cfg, restart)
     tok = Tokenizer(cfg.model, ckpt.text.eos_token_ids)
     spec, patch, width = vlm.config.tiles, vlm.config.vision.patch_size, vlm.config.vision.hidden_size
-    vlm.requires_grad_(False)
     vlm.mlp1.requires_grad_(True)
     vlm.language_model.requires_grad_(True)
     vlm.vision_model.requires_grad_(cfg.train_vision)

@@ -169,20 +169,27 @@ class VisionStage(Stage):
         return {"char_acc": f"{row['val_char_acc']:.3f}"} if "val_char_acc" in row else {}
 
 
-def train_vision(cfg: TrainConfig, restart: bool = False) -> dict:
-    """The vision stage (see the module docstring); resumable like every stage."""
+def open_synth_stage(cfg: TrainConfig, restart: bool):
+    """(Run, checkpoint config, VLM in float32 with nothing trainable) for a stage that renders its own
+    pages (vision, readout): one process, a vision-language checkpoint."""
     from nanovl.checkpoint import load_config, load_vlm
     from nanovl.models import is_vlm
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise DataError("stage vision runs in one process (it is small); start it without torchrun")
+        raise DataError(f"stage {cfg.stage} runs in one process; start it without torchrun")
     run = Run(cfg, restart)
     ckpt = load_config(cfg.model)
     if not is_vlm(ckpt.architecture):
-        raise DataError(f"{cfg.model}: stage vision needs a vision-language checkpoint, not {ckpt.architecture}")
+        raise DataError(f"{cfg.model}: stage {cfg.stage} needs a vision-language checkpoint, not {ckpt.architecture}")
     vlm, _ = load_vlm(cfg.model, dtype="float32")
-    spec, patch, width = vlm.config.tiles, vlm.config.vision.patch_size, vlm.config.vision.hidden_size
     vlm.requires_grad_(False)
+    return run, ckpt, vlm
+
+
+def train_vision(cfg: TrainConfig, restart: bool = False) -> dict:
+    """The vision stage (see the module docstring); resumable like every stage."""
+    run, ckpt, vlm = open_synth_stage(cfg, restart)
+    spec, patch, width = vlm.config.tiles, vlm.config.vision.patch_size, vlm.config.vision.hidden_size
     vlm.vision_model.requires_grad_(True)
     torch.manual_seed(cfg.seed)
     model = CharHead(vlm.vision_model, width)
