@@ -123,6 +123,19 @@ class VisionLanguageModel(TextModel):
         return generate(self.model, self.tokenizer, [prompt.ids], params, embeds=[prompt.embeds])[0]
 
 
+    def extract(self, document, schema: dict | None = None, fields=None, pages=None, dpi=DEFAULT_DPI,
+                max_tiles=None, max_new_tokens: int = 1024, calibration=None) -> dict:  # fmt: skip
+        """Fields of one document (a path, bytes, ...) as JSON: `schema` (a JSON schema object) or
+        `fields` ("total,date" or a list: strings); each leaf comes back as {"value", "confidence",
+        "evidence"} (documents/extract.py)."""
+        from nanovl.documents.extract import check_extract_schema, extract, fields_schema
+
+        if (schema is None) == (fields is None):
+            raise RequestError("give schema= or fields=, one of them")
+        schema = check_extract_schema(schema) if schema is not None else fields_schema(fields)
+        return extract(self, document, schema, pages, dpi, max_tiles, max_new_tokens, calibration)
+
+
 def reasoning_system(system: str | None, think: bool | None) -> str | None:
     """The system prompt with /think or /no_think on its first line (reasoning models); None: as given."""
     if think is None:

@@ -209,6 +209,46 @@ def cmd_ask(args):
     write_stream(deltas, len(prompt.ids), args, opens_thinking(model.tokenizer, prompt.ids))
 
 
+def cmd_extract(args):
+    from nanovl.documents.extract import EndpointExtractor, fields_schema, find_calibration, load_extract_schema
+
+    if bool(args.schema) == bool(args.fields):
+        raise NanovlError("give the fields to extract: --schema S.json or --fields total,date,vendor (one of them)")
+    if bool(args.model) == bool(args.endpoint):
+        raise NanovlError("give --model DIR (run here) or --endpoint URL (an OpenAI-compatible server), one of them")
+    schema = load_extract_schema(args.schema) if args.schema else fields_schema(args.fields)
+    calibration = find_calibration(None, args.calibration) if args.calibration else None
+    if args.endpoint:
+        extractor = EndpointExtractor(args.endpoint, args.api_key)
+    else:
+        import nanovl
+        from nanovl.api import VisionLanguageModel
+
+        extractor = nanovl.load(args.model, args.dtype)
+        if not isinstance(extractor, VisionLanguageModel):
+            raise NanovlError(f"{args.model} is a text-only model; `extract` needs a vision-language checkpoint")
+    out = open(args.out, "a") if args.out else sys.stdout
+    failed = 0
+    try:
+        for doc in args.documents:
+            try:
+                result = extractor.extract(doc, schema, pages=args.pages, dpi=args.dpi, max_tiles=args.max_tiles,
+                                           max_new_tokens=args.max_tokens, calibration=calibration)  # fmt: skip
+                record = {"document": doc, **result}
+            except NanovlError as e:  # one bad document does not stop the others
+                failed += 1
+                record = {"document": doc, "error": str(e)}
+                print(f"nanovl: {e}" if doc in str(e) else f"nanovl: {doc}: {e}", file=sys.stderr)
+            pretty = out is sys.stdout and len(args.documents) == 1 and sys.stdout.isatty()
+            out.write(json.dumps(record, ensure_ascii=False, indent=2 if pretty else None) + "\n")
+            out.flush()
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    if failed:
+        raise NanovlError(f"{failed} of {len(args.documents)} document(s) failed (error records written)")
+
+
 def cmd_tiles(args):
     from nanovl.checkpoint import tile_spec
     from nanovl.media import load_document
@@ -357,6 +397,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_reasoning_args(p)
     add_sampling_args(p)
     p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser(
+        "extract", help="extract fields from documents as JSON, each with its confidence and where it stands"
+    )
+    p.add_argument("documents", nargs="+", metavar="DOC", help="PDFs or images")
+    p.add_argument("--schema", help="JSON schema of the fields (an object with properties)")
+    p.add_argument("--fields", help="or field names separated by commas, each a string: total,date,vendor")
+    p.add_argument("--model", help="vision-language " + MODEL_HELP)
+    p.add_argument("--endpoint", help="or an OpenAI-compatible server's base URL, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--api-key", help="the endpoint's API key")
+    p.add_argument("--calibration", help="a calibration file (default: extract_calibration.json beside the model)")
+    p.add_argument("--out", help="append one JSON record per document to this file (default: stdout)")
+    p.add_argument("--max-tokens", type=int, default=1024, help="most tokens of the JSON answer (default 1024)")
+    p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float32")
+    add_document_args(p)
+    p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("tiles", help="show how a document is cut into tiles for a model")
     p.add_argument("file", help="an image or a PDF")

@@ -136,3 +136,30 @@ def test_schemas_the_enforcer_cannot_take_are_refused_at_admission(tiny_llama, s
     with pytest.raises(RequestError, match=message):
         check_schema(schema)
         compile_constraint(tk, 512, schema, tk.encode("x"))
+
+
+def test_numbers_end_after_32_characters(tiny_llama):
+    """A model that would write digits forever: at MAX_NUMBER_CHARS the number must end."""
+    import torch
+
+    from nanovl.engine.constrained import MAX_NUMBER_CHARS, JsonConstraint
+
+    m = nanovl.load(tiny_llama, dtype="float32")
+    tk = m.tokenizer
+    schema = {"type": "object", "properties": {"n": {"type": "number"}}, "required": ["n"]}
+    c = JsonConstraint(tk, m.config.vocab_size, schema)
+    ids = tk.encode("Fields:")
+    zeros = torch.zeros(m.config.vocab_size)
+    for t in tk.tk.encode('{"n":', add_special_tokens=False).ids:  # the JSON up to the number
+        assert torch.isfinite(c.mask(zeros, ids)[t]), tk.decode([t])
+        ids.append(t)
+    start, digit = len(ids), tk.tk.encode("7", add_special_tokens=False).ids[-1]
+    wants_digits = zeros.clone()
+    wants_digits[digit] = 100.0  # the model wants another digit, always
+    for _ in range(MAX_NUMBER_CHARS + 5):
+        nxt = int(c.mask(wants_digits, ids).argmax())
+        if nxt != digit:
+            break
+        ids.append(nxt)
+    assert len(ids) - start == MAX_NUMBER_CHARS
+    assert not torch.isfinite(c.mask(zeros, ids)[digit])

@@ -29,6 +29,7 @@ import torch
 from nanovl.errors import RequestError
 
 _TOKENIZER_DATA: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+MAX_NUMBER_CHARS = 32
 
 
 def check_schema(schema: dict | None) -> dict | None:
@@ -106,7 +107,8 @@ def _fix_enforcer():
     """Two fixes to lm-format-enforcer's JSON states, as subclasses put where its parser looks the
     classes up (module names), once per process:
     - numbers without an exponent: it allows one for integers too, and `1e-5` (no integer) or
-      `1e999` (infinite) parse but fail the schema;
+      `1e999` (infinite) parse but fail the schema; and at most MAX_NUMBER_CHARS characters, so
+      a model cannot write digits forever (a double holds 17 significant digits);
     - no `}` right after a comma: its object state allows a trailing comma (`{"a": 1,}`) when
       every required key is there;
     - whitespace at the start of a string is part of it: it is skipped as if outside the string,
@@ -120,6 +122,8 @@ def _fix_enforcer():
         nanovl = True
 
         def get_allowed_characters(self) -> str:
+            if len(self.parsed_string) >= MAX_NUMBER_CHARS and self.can_end():
+                return ""  # only what may follow the number
             return super().get_allowed_characters().replace("e", "").replace("E", "")
 
     class NoTrailingComma(jp.ObjectParsingState):

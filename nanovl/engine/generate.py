@@ -29,10 +29,11 @@ from nanovl.models.layers import causal_mask
 class TokenGenerator:
     """embeds: optional per-prompt input embeddings (len(prompt), C) used for the prefill instead of
     looking the prompt ids up (a VLM's prompt with image embeddings merged in). tokenizer: for text
-    and stop strings (None: token ids only)."""
+    and stop strings (None: token ids only). top_logprobs: as the scheduler's (None: no log-probabilities;
+    0: each chosen token's own)."""
 
     def __init__(self, model, prompts: list[list[int]], params: SamplingParams, eos_ids=(), context_len=None,
-                 embeds=None, constraint=None, tokenizer=None):  # fmt: skip
+                 embeds=None, constraint=None, tokenizer=None, top_logprobs=None):  # fmt: skip
         if not prompts or any(len(p) == 0 for p in prompts):
             raise RequestError("every prompt needs at least one token")
         cfg = model.config
@@ -52,7 +53,8 @@ class TokenGenerator:
             raise ValueError("each prompt needs one embedding row per token")
         self.prompts, self.embeds = prompts, embeds
         room = self.context_len - longest  # every row's cache is padded to the longest prompt
-        self.steps = [TokenStep(p, params, eos_ids, room, tokenizer, constraint, device=model.device) for p in prompts]
+        self.steps = [TokenStep(p, params, eos_ids, room, tokenizer, constraint, top_logprobs, model.device)
+                      for p in prompts]  # fmt: skip
         self.logits: torch.Tensor | None = None  # (B, V) float32 model logits behind the last yielded tokens
         self.deltas: list[Delta | None] = []  # the last yielded step's Deltas
 
@@ -123,10 +125,12 @@ class Completion:
 
 
 def stream(
-    model, tokenizer, prompts: list[list[int]], params: SamplingParams, context_len=None, embeds=None
+    model, tokenizer, prompts: list[list[int]], params: SamplingParams, context_len=None, embeds=None,
+    top_logprobs: int | None = None,
 ) -> Iterator[Delta]:
     constraint = constraint_for(tokenizer, model.config.vocab_size, params, prompts[0] if prompts else [])
-    gen = TokenGenerator(model, prompts, params, tokenizer.eos_token_ids, context_len, embeds, constraint, tokenizer)
+    gen = TokenGenerator(model, prompts, params, tokenizer.eos_token_ids, context_len, embeds, constraint, tokenizer,
+                         top_logprobs)  # fmt: skip
     for _ in gen:
         yield from (d for d in gen.deltas if d is not None)
 

@@ -193,7 +193,7 @@ def crop_records(doc: Doc, out: Path, per_page: int, split: str) -> list[dict]:
 
 
 def _render(args) -> tuple[str, list[dict], dict[str, list[dict]]]:
-    kind, seed, out, split, strength, crops = args
+    kind, seed, out, split, strength, crops, pdf = args
     doc = make_doc(kind, seed, strength)
     paths = []
     for i, page in enumerate(doc.pages):
@@ -203,6 +203,13 @@ def _render(args) -> tuple[str, list[dict], dict[str, list[dict]]]:
     records = doc_records(doc, paths, split)
     if crops:
         records["crops"] = crop_records(doc, out, crops, split)
+    if pdf:
+        from nanovl.synth.pdf import pdf_truth, write_pdf
+
+        rel = f"pdf/{kind}-{seed}.pdf"
+        write_pdf(doc, out / rel)
+        records["pdf"] = [{"id": f"{kind}-{seed}", "file": rel, "kind": kind, "seed": seed, "split": split,
+                           **pdf_truth(doc)}]  # fmt: skip
     return kind, eval_records(doc, paths) if split == "eval" else [], records
 
 
@@ -217,11 +224,13 @@ def write_dataset(
     workers: int = 1,
     crops: int = 0,
     copy_count: int = 0,
+    pdf: bool = False,
 ) -> dict[str, int]:
     """Render `count` documents per kind with seeds start.. (eval: EVAL_SEED_START + start..) into
     OUT/images and the task JSONL files (with `crops` > 0, also that many crops per page in
-    crops.jsonl; `text_count` text instructions in text.jsonl, `copy_count` copy tasks in copy.jsonl);
-    returns the record count per file."""
+    crops.jsonl; `text_count` text instructions in text.jsonl, `copy_count` copy tasks in copy.jsonl;
+    with `pdf`, each document also as a digital PDF in OUT/pdf, its fields and their drawn boxes in
+    pdf.jsonl); returns the record count per file."""
     if split not in ("train", "eval"):
         raise NanovlError(f"split must be train or eval, not {split!r}")
     unknown = [k for k in kinds if k not in KINDS]
@@ -232,8 +241,10 @@ def write_dataset(
         raise NanovlError(f"training seeds must stay below {EVAL_SEED_START} (reserved for evaluation)")
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    jobs = [(k, s, out, split, augment, crops) for s in range(first, first + count) for k in kinds]
-    per_task: dict[str, list[dict]] = {t: [] for t in (*TASKS, "crops")}
+    if pdf:
+        (out / "pdf").mkdir(exist_ok=True)
+    jobs = [(k, s, out, split, augment, crops, pdf) for s in range(first, first + count) for k in kinds]
+    per_task: dict[str, list[dict]] = {t: [] for t in (*TASKS, "crops", "pdf")}
     evals = []
     pool = ProcessPoolExecutor(workers) if workers > 1 else None
     results = pool.map(_render, jobs, chunksize=8) if pool else map(_render, jobs)

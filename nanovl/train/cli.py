@@ -22,6 +22,7 @@ def cmd_synth(args):
         args.workers,
         args.crops,
         args.copy,
+        args.pdf,
     )
     for name, n in counts.items():
         print(f"{args.out}/{name}: {n} records")
@@ -72,6 +73,9 @@ def add_train_commands(sub: argparse._SubParsersAction):
     p.add_argument("--split", choices=["train", "eval"], default="train", help="eval also writes eval.jsonl")
     p.add_argument("--text", type=int, default=0, help="text-only instruction samples to write (text.jsonl)")
     p.add_argument("--copy", type=int, default=0, help="text-only copy tasks of random strings to write (copy.jsonl)")
+    p.add_argument(
+        "--pdf", action="store_true", help="also each document as a digital PDF with a text layer (pdf/, pdf.jsonl)"
+    )
     p.add_argument("--augment", type=float, default=1.0, help="degradation strength, 0 = clean pages (default 1)")
     p.add_argument("--workers", type=int, default=1, help="rendering processes (default 1)")
     p.add_argument(
