@@ -286,3 +286,46 @@ def test_cli_bad_schemas_and_documents(tiny_v1, tmp_path, capsys):
     records = [json.loads(line) for line in cap.out.splitlines()]
     assert rc == 1 and "1 of 2 document(s) failed" in cap.err
     assert "cannot open PDF" in records[0]["error"] and "fields" in records[1]
+
+
+def test_server_extract_endpoint(tiny_v1, tmp_path):
+    """POST /v1/extract gives the records the Python API gives; bad requests are 400s with the reason,
+    and the server stays up."""
+    import base64
+
+    import httpx
+    from test_server import LiveServer
+
+    import nanovl
+    from nanovl.serve.app import create_app
+    from nanovl.synth.kinds import make_doc
+    from nanovl.synth.pdf import write_pdf
+
+    write_pdf(make_doc("invoice", 1_000_002, 0), tmp_path / "inv.pdf")
+    m = nanovl.load(tiny_v1, dtype="float32")
+    local = m.extract(tmp_path / "inv.pdf", fields="total,date", max_new_tokens=500)
+    url = "data:application/pdf;base64," + base64.b64encode((tmp_path / "inv.pdf").read_bytes()).decode()
+    server = LiveServer(create_app(m, "tiny", api_key="k"))
+    headers = {"Authorization": "Bearer k"}
+    try:
+        post = lambda body: httpx.post(server.url + "/v1/extract", json=body, headers=headers, timeout=120)  # noqa: E731
+        r = post({"document": url, "fields": "total,date", "max_tokens": 500})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["raw"] == local["raw"] and body["fields"] == local["fields"] and body["pages"] == [1]
+        assert body["usage"]["completion_tokens"] > 0
+        bad = {
+            "both": ({"document": url, "fields": "a", "schema": {"type": "object"}}, "one of them"),
+            "schema": ({"document": url, "schema": {"type": "array"}}, "must be an object"),
+            "local path": ({"document": str(tmp_path / "inv.pdf"), "fields": "a"}, "local media paths are disabled"),
+            "pages": ({"document": url, "fields": "a", "pages": "3"}, "out of range"),
+            "unknown key": ({"document": url, "fields": "a", "temperature": 1}, "temperature"),
+            "not a document": ({"document": "data:image/png;base64,AAAA", "fields": "a"}, "not an image or PDF"),
+        }
+        for name, (request, message) in bad.items():
+            r = post(request)
+            assert r.status_code == 400 and message in r.text, (name, r.status_code, r.text)
+        assert httpx.post(server.url + "/v1/extract", json={"document": url, "fields": "a"}).status_code == 401
+        assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    finally:
+        server.stop()

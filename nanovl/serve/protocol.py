@@ -124,6 +124,20 @@ class ChatRequest(BaseModel):
     ignore_eos: bool = False  # as vLLM: keep generating past end-of-sequence
 
 
+class ExtractRequest(BaseModel):
+    """POST /v1/extract: one document (a data: URL, or a path / URL where the server allows them) and
+    the fields to extract, as a JSON schema or as names."""
+
+    model_config = {"extra": "forbid"}
+    model: str | None = None
+    document: str = Field(min_length=1)
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    fields: str | list[str] | None = None
+    pages: str | None = None
+    max_tiles: int | None = None
+    max_tokens: int = Field(default=1024, ge=1)
+
+
 class MediaRef(BaseModel):
     kind: Literal["image", "video", "document", "embeds"]
     url: str = ""

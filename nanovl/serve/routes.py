@@ -1,4 +1,4 @@
-"""The endpoints: /health, /metrics, /v1/models and /v1/chat/completions, as one APIRouter.
+"""The endpoints: /health, /metrics, /v1/models, /v1/chat/completions and /v1/extract, as one APIRouter.
 
 - Handlers read the server (`Server`: model, scheduler, processor, limits, metrics) from
   `request.app.state.server`; nothing is captured in a closure, so the router is built once.
@@ -39,6 +39,7 @@ from nanovl.serve.metrics import CONTENT_TYPE, Metrics
 from nanovl.serve.protocol import (
     APIError,
     ChatRequest,
+    ExtractRequest,
     Limits,
     decode_embeds,
     parse_body,
@@ -158,6 +159,77 @@ async def chat(request: Request, req: Annotated[ChatRequest, Depends(chat_reques
     usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": completion,
              "total_tokens": len(prompt_ids) + completion}  # fmt: skip
     return {"id": rid, "object": "chat.completion", "created": created, "model": server.name, "choices": choices,
+            "usage": usage}  # fmt: skip
+
+
+async def extract_request(request: Request) -> ExtractRequest:
+    raw = await read_body(request, state(request).limits.max_body_bytes)
+    return ExtractRequest.model_validate(parse_body(raw))
+
+
+@router.post("/v1/extract")
+async def extract(request: Request, req: Annotated[ExtractRequest, Depends(extract_request)]):
+    """Grounded extraction (documents/extract.py) of one document, decoded by the scheduler like any
+    chat request: {"fields": {name: {"value", "confidence", "evidence"}}, "pages", "raw", "usage"}."""
+    from nanovl.documents.extract import (
+        bounded,
+        check_extract_schema,
+        extract_prompt,
+        fields_schema,
+        find_calibration,
+        finish_extraction,
+    )
+
+    server = state(request)
+    if req.model is not None and req.model != server.name:
+        raise APIError(404, f"model {req.model!r} does not exist; this server has {server.name!r}",
+                       code="model_not_found")  # fmt: skip
+    if server.processor is None:
+        raise APIError(400, f"model {server.name!r} is text-only: it cannot read documents")
+    if req.max_tiles is not None and not 1 <= req.max_tiles <= server.limits.max_tiles:
+        raise APIError(400, f"max_tiles must be in [1, {server.limits.max_tiles}] on this server", param="max_tiles")
+    if (req.schema_ is None) == (req.fields is None):
+        raise APIError(400, "give the fields to extract as schema (a JSON schema) or fields (names), one of them")
+    model, limits = server.model, server.limits
+
+    def prepare():
+        schema = check_extract_schema(req.schema_) if req.schema_ is not None else fields_schema(req.fields)
+        src = resolve_source(req.document, server.allowed, server.allow_remote)
+        media = scan_source(src, req.pages, DEFAULT_DPI, limits.max_image_pixels, max_pages=limits.max_media,
+                            video=False)  # fmt: skip
+        params = model.params(max_new_tokens=req.max_tokens, temperature=0.0, json_schema=bounded(schema), stop=None)
+        prompt = server.processor.prepare(media, extract_prompt(schema), req.max_tiles, None, params.max_new_tokens)
+        constraint = compile_constraint(model.tokenizer, model.model.config.vocab_size, params.json_schema, prompt.ids)
+        return src, media, params, prompt, constraint
+
+    try:
+        src, media, params, prompt, constraint = await run_in_threadpool(prepare)
+    except NanovlError as e:
+        raise APIError(400, str(e)) from None
+    (er,), (q,) = submit(server, 1, prompt.ids, params, embeds=prompt.embeds, top_logprobs=0, constraint=constraint)
+    text, offsets, logprobs = "", [], []
+    try:
+        while True:
+            d = await q.get()
+            if d.finish_reason == "error":
+                raise APIError(500, f"generation failed: {d.error}", type="server_error")
+            offsets.append((len(text), len(text) + len(d.text)))
+            logprobs.append(d.logprobs["logprob"] if d.logprobs else 0.0)
+            text += d.text
+            if d.finish_reason is not None:
+                break
+    finally:
+        if er.finish_reason is None:
+            server.scheduler.cancel(er)
+    calibration = find_calibration(getattr(model, "path", None))
+    try:
+        result = await run_in_threadpool(finish_extraction, text, offsets, logprobs, d.finish_reason, src, req.pages,
+                                         DEFAULT_DPI, media, calibration)  # fmt: skip
+    except NanovlError as e:
+        raise APIError(400, str(e)) from None
+    usage = {"prompt_tokens": len(prompt.ids), "completion_tokens": len(er.output),
+             "total_tokens": len(prompt.ids) + len(er.output)}  # fmt: skip
+    return {"id": f"extract-{uuid.uuid4().hex[:24]}", "object": "extraction", "model": server.name, **result,
             "usage": usage}  # fmt: skip
 
 
