@@ -128,12 +128,13 @@ class VisionLanguageModel(TextModel):
         """Fields of one document (a path, bytes, ...) as JSON: `schema` (a JSON schema object) or
         `fields` ("total,date" or a list: strings); each leaf comes back as {"value", "confidence",
         "evidence"} (documents/extract.py)."""
+        from nanovl.documents.backends import LocalBackend
         from nanovl.documents.extract import check_extract_schema, extract, fields_schema
 
         if (schema is None) == (fields is None):
             raise RequestError("give schema= or fields=, one of them")
         schema = check_extract_schema(schema) if schema is not None else fields_schema(fields)
-        return extract(self, document, schema, pages, dpi, max_tiles, max_new_tokens, calibration)
+        return extract(LocalBackend(self), document, schema, pages, dpi, max_tiles, max_new_tokens, calibration)
 
 
 def reasoning_system(system: str | None, think: bool | None) -> str | None:

@@ -210,30 +210,21 @@ def cmd_ask(args):
 
 
 def cmd_extract(args):
-    from nanovl.documents.extract import EndpointExtractor, fields_schema, find_calibration, load_extract_schema
+    from nanovl.documents.backends import open_backend
+    from nanovl.documents.extract import extract, fields_schema, find_calibration, load_extract_schema
 
     if bool(args.schema) == bool(args.fields):
         raise NanovlError("give the fields to extract: --schema S.json or --fields total,date,vendor (one of them)")
-    if bool(args.model) == bool(args.endpoint):
-        raise NanovlError("give --model DIR (run here) or --endpoint URL (an OpenAI-compatible server), one of them")
     schema = load_extract_schema(args.schema) if args.schema else fields_schema(args.fields)
     calibration = find_calibration(None, args.calibration) if args.calibration else None
-    if args.endpoint:
-        extractor = EndpointExtractor(args.endpoint, args.api_key)
-    else:
-        import nanovl
-        from nanovl.api import VisionLanguageModel
-
-        extractor = nanovl.load(args.model, args.dtype)
-        if not isinstance(extractor, VisionLanguageModel):
-            raise NanovlError(f"{args.model} is a text-only model; `extract` needs a vision-language checkpoint")
+    backend = open_backend(args.model, args.endpoint, args.api_key, args.dtype)
     out = open(args.out, "a") if args.out else sys.stdout
     failed = 0
     try:
         for doc in args.documents:
             try:
-                result = extractor.extract(doc, schema, pages=args.pages, dpi=args.dpi, max_tiles=args.max_tiles,
-                                           max_new_tokens=args.max_tokens, calibration=calibration)  # fmt: skip
+                result = extract(backend, doc, schema, args.pages, args.dpi, args.max_tiles, args.max_tokens,
+                                 calibration)  # fmt: skip
                 record = {"document": doc, **result}
             except NanovlError as e:  # one bad document does not stop the others
                 failed += 1

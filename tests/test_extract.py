@@ -11,14 +11,9 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from nanovl.cli import main
+from nanovl.documents.backends import token_offsets
 from nanovl.documents.evidence import locate, pdf_text
-from nanovl.documents.extract import (
-    bounded,
-    fields_schema,
-    leaf_spans,
-    token_offsets,
-    value_confidence,
-)
+from nanovl.documents.extract import bounded, fields_schema, leaf_spans, value_confidence
 from nanovl.errors import RequestError
 
 CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
@@ -228,7 +223,8 @@ def test_endpoint_gives_the_local_records(tiny_v1, tmp_path):
     from test_server import LiveServer
 
     import nanovl
-    from nanovl.documents.extract import EndpointExtractor
+    from nanovl.documents.backends import EndpointBackend
+    from nanovl.documents.extract import extract
     from nanovl.serve.app import create_app
     from nanovl.synth.kinds import make_doc
     from nanovl.synth.pdf import write_pdf
@@ -239,7 +235,7 @@ def test_endpoint_gives_the_local_records(tiny_v1, tmp_path):
     local = m.extract(tmp_path / "r.pdf", schema=schema, max_new_tokens=500)
     server = LiveServer(create_app(m, "tiny"))
     try:
-        remote = EndpointExtractor(server.url + "/v1").extract(tmp_path / "r.pdf", schema, max_new_tokens=500)
+        remote = extract(EndpointBackend(server.url + "/v1"), tmp_path / "r.pdf", schema, max_new_tokens=500)
     finally:
         server.stop()
     assert remote["raw"] == local["raw"]

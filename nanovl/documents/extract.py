@@ -257,41 +257,22 @@ def grounded(text: str, offsets, logprobs, texts, reasons, calibration) -> dict:
     return wrap(parsed, leaves)
 
 
-def token_offsets(text: str, pieces: list[str]) -> list[tuple[int, int]]:
-    """Character spans of the tokens of `text` from their texts (an endpoint's logprobs): in order,
-    each found from where the last one ended (a piece that does not occur gets an empty span)."""
-    spans, at = [], 0
-    for piece in pieces:
-        i = text.find(piece, at) if piece else -1
-        if i < 0:
-            spans.append((at, at))
-            continue
-        spans.append((i, i + len(piece)))
-        at = i + len(piece)
-    return spans
-
-
-def extract(model, src, schema: dict, pages: str | None = None, dpi: float = DEFAULT_DPI, max_tiles=None,
+def extract(backend, src, schema: dict, pages: str | None = None, dpi: float = DEFAULT_DPI, max_tiles=None,
             max_new_tokens: int = 1024, calibration=None) -> dict:  # fmt: skip
-    """One document (a path, bytes, ...) -> {"fields", "pages", "finish_reason", "confidence", ...}
-    with a loaded VisionLanguageModel. calibration: a Calibration (default: the one beside the model)."""
-    from nanovl.engine import stream
+    """One document (a path, bytes, ...) -> {"fields", "pages", "confidence", "raw"} through a backend
+    (documents/backends.py). calibration: a Calibration (default: the one beside a local model)."""
+    from nanovl.processor import scan_media
 
     check_extract_schema(schema)
-    calibration = calibration if calibration is not None else find_calibration(model.path)
-    media = model.scan_media([src], pages, dpi)
-    params = model.params(max_new_tokens=max_new_tokens, temperature=0.0, json_schema=bounded(schema), stop=None)
-    prompt = model.prepare(media, extract_prompt(schema), max_tiles, None, params.max_new_tokens)
-    text, offsets, logprobs, finish = "", [], [], None
-    for d in stream(model.model, model.tokenizer, [prompt.ids], params, embeds=[prompt.embeds], top_logprobs=0):
-        offsets.append((len(text), len(text) + len(d.text)))
-        logprobs.append(d.logprobs["logprob"])
-        text += d.text
-        finish = d.finish_reason or finish
-    return finish_extraction(text, offsets, logprobs, finish, src, pages, dpi, media, calibration)
+    calibration = calibration if calibration is not None else find_calibration(backend.path)
+    media = scan_media([src], pages, dpi)
+    answer = backend.complete(media, extract_prompt(schema), max_new_tokens, bounded(schema), max_tiles)
+    return finish_extraction(answer.text, answer.offsets, answer.logprobs, answer.finish_reason, src, pages, dpi,
+                             media, calibration)  # fmt: skip
 
 
 def finish_extraction(text, offsets, logprobs, finish, src, pages, dpi, media, calibration) -> dict:
+    """The model's JSON answer -> the record: every leaf grounded in the document's text."""
     if finish == "length":
         raise RequestError(f"the answer ran out of tokens before the JSON was complete: {text[:80]!r}...")
     numbers, texts, reasons = document_text(src, pages, dpi, [m.load for m in media])
@@ -301,48 +282,3 @@ def finish_extraction(text, offsets, logprobs, finish, src, pages, dpi, media, c
         "confidence": "calibrated" if calibration else "joint token probability (uncalibrated)",
         "raw": text,
     }
-
-
-class EndpointExtractor:
-    """Extraction through an OpenAI-compatible server (`nanovl serve`, vLLM, ...): pages rendered here
-    and sent as PNG images, the schema as response_format, confidence from the returned logprobs."""
-
-    def __init__(self, url: str, api_key: str | None = None, model: str | None = None, timeout: float = 600):
-        from nanovl.eval.runner import EndpointBackend
-
-        backend = EndpointBackend(url, api_key, model, timeout)
-        self.client, self.name = backend.client, backend.name
-
-    def extract(self, src, schema: dict, pages: str | None = None, dpi: float = DEFAULT_DPI, max_tiles=None,
-                max_new_tokens: int = 1024, calibration=None) -> dict:  # fmt: skip
-        import base64
-        import io
-
-        from nanovl.processor import scan_media
-
-        check_extract_schema(schema)
-        media = scan_media([src], pages, dpi)
-        parts = []
-        for page in media:
-            buf = io.BytesIO()
-            page.load().save(buf, "PNG")
-            url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-            parts += [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "\n"}]
-        parts[-1]["text"] += extract_prompt(schema)  # the user turn `ask` writes: one line per image first
-        extra = {"max_tiles": max_tiles} if max_tiles else {}
-        try:
-            r = self.client.chat.completions.create(
-                model=self.name, messages=[{"role": "user", "content": parts}], max_tokens=max_new_tokens,
-                temperature=0.0, logprobs=True, extra_body=extra or None,
-                response_format={"type": "json_schema", "json_schema": {"name": "fields", "schema": bounded(schema)}},
-            )  # fmt: skip
-        except Exception as e:  # the openai client raises many kinds; say which request failed
-            raise NanovlError(f"{self.client.base_url}: the extraction request failed ({e})") from None
-        choice = r.choices[0]
-        text = choice.message.content or ""
-        content = (choice.logprobs.content or []) if choice.logprobs else []
-        if not content and text:
-            raise NanovlError(f"{self.client.base_url}: the endpoint returned no logprobs (needed for confidence)")
-        offsets = token_offsets(text, [t.token for t in content])
-        logprobs = [t.logprob for t in content]
-        return finish_extraction(text, offsets, logprobs, choice.finish_reason, src, pages, dpi, media, calibration)
