@@ -240,6 +240,67 @@ def cmd_extract(args):
         raise NanovlError(f"{failed} of {len(args.documents)} document(s) failed (error records written)")
 
 
+def convert_one(backend, doc: str, target: Path | None, args) -> bool:
+    """One document into `target` (None: stdout), written to TARGET.partial and renamed when done; a
+    document that fails keeps the pages it finished in the .partial file. True when it succeeded."""
+    from tqdm import tqdm
+
+    from nanovl.documents.convert import Writer, convert_pages
+
+    partial = target.with_name(target.name + ".partial") if target else None
+    out, done = (open(partial, "w") if partial else sys.stdout), 0
+    try:
+        writer = Writer(out, args.to, doc)
+        with tqdm(desc=Path(doc).name, unit="page", disable=None, file=sys.stderr) as bar:
+            for page in convert_pages(backend, doc, args.pages, args.dpi, args.max_tokens, max_tiles=args.max_tiles):
+                writer.page(page)
+                done += 1
+                bar.update()
+        writer.close()
+    except NanovlError as e:  # a document that cannot be read: say so; the others go on
+        kept = f" (its first {done} page(s) are in {partial})" if partial and done else ""
+        print((f"nanovl: {e}" if doc in str(e) else f"nanovl: {doc}: {e}") + kept, file=sys.stderr)
+        if partial and not done:
+            out.close()
+            partial.unlink()
+        return False
+    finally:
+        if partial:
+            out.close()
+    if partial:
+        os.replace(partial, target)
+        print(f"wrote {target}", file=sys.stderr)
+    return True
+
+
+def cmd_convert(args):
+    from nanovl.documents.backends import open_backend
+    from nanovl.documents.convert import FORMATS, SUFFIX
+
+    if args.to not in FORMATS:
+        raise NanovlError(f"--to must be one of {', '.join(FORMATS)}")
+    several = len(args.documents) > 1
+    out_dir = Path(args.out) if args.out and (several or Path(args.out).is_dir()) else None
+    if several and not args.out:
+        raise NanovlError("converting several documents needs --out DIR (one file per document there)")
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    backend = open_backend(args.model, args.endpoint, args.api_key, args.dtype)
+    failed, used = 0, set()
+    for doc in args.documents:
+        if out_dir is not None:
+            stem = Path(doc).stem
+            while stem in used:  # two documents of one name from different folders
+                stem += "_"
+            used.add(stem)
+            target = out_dir / (stem + SUFFIX[args.to])
+        else:
+            target = Path(args.out) if args.out else None
+        failed += not convert_one(backend, doc, target, args)
+    if failed:
+        raise NanovlError(f"{failed} of {len(args.documents)} document(s) failed")
+
+
 def cmd_tiles(args):
     from nanovl.checkpoint import tile_spec
     from nanovl.media import load_document
@@ -404,6 +465,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float32")
     add_document_args(p)
     p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("convert", help="convert documents to Markdown, HTML or JSON blocks, page by page")
+    p.add_argument("documents", nargs="+", metavar="DOC", help="PDFs or images")
+    p.add_argument("--to", default="markdown", help="markdown (default), html or json")
+    p.add_argument("--out", help="output file, or a folder (one file per document; needed for several)")
+    p.add_argument("--model", help="vision-language " + MODEL_HELP)
+    p.add_argument("--endpoint", help="or an OpenAI-compatible server's base URL, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--api-key", help="the endpoint's API key")
+    p.add_argument("--max-tokens", type=int, default=2048, help="most tokens per page (default 2048)")
+    p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float32")
+    add_document_args(p)
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("tiles", help="show how a document is cut into tiles for a model")
     p.add_argument("file", help="an image or a PDF")
