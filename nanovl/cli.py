@@ -301,6 +301,54 @@ def cmd_convert(args):
         raise NanovlError(f"{failed} of {len(args.documents)} document(s) failed")
 
 
+def cmd_batch(args):
+    from tqdm import tqdm
+
+    from nanovl.documents import batch
+    from nanovl.documents.backends import open_backend
+
+    out = Path(args.out)
+    paths = batch.expand_inputs(args.inputs)
+    if not paths:
+        raise NanovlError("no documents found in the inputs")
+    common = dict(pages=args.pages, dpi=args.dpi, max_tiles=args.max_tiles, max_tokens=args.max_tokens)
+    if args.task == "extract":
+        from nanovl.documents.extract import fields_schema, find_calibration, load_extract_schema
+
+        if bool(args.schema) == bool(args.fields):
+            raise NanovlError("--task extract needs --schema S.json or --fields a,b (one of them)")
+        schema = load_extract_schema(args.schema) if args.schema else fields_schema(args.fields)
+        calibration = find_calibration(None, args.calibration) if args.calibration else None
+    elif args.task == "ask" and not (args.question or "").strip():
+        raise NanovlError("--task ask needs --question")
+    jobs = batch.plan_jobs(paths)
+    if args.retry_failed:
+        print(f"{batch.drop_failed(out)} error record(s) removed from {out} to try again", file=sys.stderr)
+    done = batch.done_hashes(out)
+    todo = [j for j in jobs if j.sha256 is None or j.sha256 not in done]
+    print(f"{len(paths)} file(s), {len(jobs)} document(s); {len(jobs) - len(todo)} already in {out}, "
+          f"{len(todo)} to do", file=sys.stderr)  # fmt: skip
+    if not todo:
+        return
+    backend = open_backend(args.model, args.endpoint, args.api_key, args.dtype)
+    if args.task == "ask":
+        task = batch.AskTask(backend, args.question, **common)
+    elif args.task == "extract":
+        task = batch.ExtractTask(backend, schema, calibration, **common)
+    else:
+        task = batch.ConvertTask(backend, args.to, **common)
+    if args.concurrency is not None and args.concurrency > 1 and not args.endpoint:
+        print("nanovl: a local model answers one request at a time; --concurrency is for --endpoint",
+              file=sys.stderr)  # fmt: skip
+    concurrency = (args.concurrency or 4) if args.endpoint else 1
+    total = batch.count_pages(todo, task)
+    with tqdm(total=total, unit="page", desc="nanovl batch", disable=None, file=sys.stderr) as bar:
+        counts = batch.run_batch(todo, task, out, concurrency, bar.update)
+    print(f"{counts['done']} done, {counts['failed']} failed -> {out}", file=sys.stderr)
+    if counts["failed"]:
+        raise NanovlError(f"{counts['failed']} document(s) failed (their error records are in {out})")
+
+
 def cmd_tiles(args):
     from nanovl.checkpoint import tile_spec
     from nanovl.media import load_document
@@ -477,6 +525,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float32")
     add_document_args(p)
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("batch", help="ask / extract / convert over many documents into one JSONL file (resumable)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders, glob patterns, lists (.txt, .lst)")
+    p.add_argument("--task", required=True, choices=["ask", "extract", "convert"])
+    p.add_argument("--out", required=True, help="results JSONL; documents already in it are skipped (by content)")
+    p.add_argument("--question", help="ask: the question")
+    p.add_argument("--schema", help="extract: JSON schema of the fields")
+    p.add_argument("--fields", help="extract: or field names, e.g. total,date,vendor")
+    p.add_argument("--calibration", help="extract: a calibration file")
+    p.add_argument("--to", default="markdown", help="convert: markdown (default), html or json")
+    p.add_argument("--model", help="vision-language " + MODEL_HELP)
+    p.add_argument("--endpoint", help="or an OpenAI-compatible server's base URL, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--api-key", help="the endpoint's API key")
+    p.add_argument("--concurrency", type=int, help="--endpoint: requests in flight (default 4)")
+    p.add_argument("--retry-failed", action="store_true", help="drop the output's error records and try those again")
+    p.add_argument("--max-tokens", type=int, help="most tokens per answer (ask 256, extract 1024, convert 2048)")
+    p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float32")
+    add_document_args(p)
+    p.set_defaults(func=cmd_batch)
 
     p = sub.add_parser("tiles", help="show how a document is cut into tiles for a model")
     p.add_argument("file", help="an image or a PDF")

@@ -1,0 +1,325 @@
+"""Batch jobs over many documents (`nanovl batch`): one JSONL record per document, resumable.
+
+- Inputs: files, folders (every image and PDF below them), glob patterns, and list files (`.txt` /
+  `.lst`, one path per line). Documents are hashed (SHA-256 of their bytes) and a content is done
+  once: identical files are one record listing all their paths.
+- Resume: a document whose hash already has a record in the output is skipped (an error record too,
+  so each document is in the output once; `--retry-failed` drops those and tries them again); a
+  last line cut off by a crash is dropped first. Each record is written whole and flushed to disk as
+  its document ends, so a run killed at any point loses at most the documents in flight.
+- A document that fails gives an error record; the batch goes on.
+- Work units: a page for `convert` (pages rendered one at a time, only when their turn comes), a
+  document for `ask` and `extract` (one prompt over its pages). With `--endpoint`, `concurrency`
+  units are in flight at once; a local model answers one unit at a time.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nanovl.errors import NanovlError
+
+DOCUMENT_SUFFIXES = (".pdf", ".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif")
+LIST_SUFFIXES = (".txt", ".lst")
+TASKS = ("ask", "extract", "convert")
+
+
+def expand_inputs(inputs: Iterable[str]) -> list[Path]:
+    """Files, folders (recursively: images and PDFs), globs and list files -> document paths, in order,
+    each once. A name that matches nothing is an error (a typo should not run an empty batch)."""
+    out: dict[Path, None] = {}
+
+    def add(p: Path):
+        out.setdefault(p, None)
+
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            for p in sorted(path.rglob("*")):
+                if p.is_file() and p.suffix.lower() in DOCUMENT_SUFFIXES:
+                    add(p)
+        elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
+            base = path.parent
+            for line in path.read_text().splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    listed = Path(line) if Path(line).is_absolute() else base / line
+                    add(listed)  # a listed file that is missing gets its error record
+        elif path.is_file():
+            add(path)
+        elif glob.has_magic(item):
+            matches = sorted(Path(p) for p in glob.glob(item, recursive=True))
+            if not matches:
+                raise NanovlError(f"{item}: no file matches this pattern")
+            for p in matches:
+                if p.is_file():
+                    add(p)
+        else:
+            raise NanovlError(f"{item}: no such file, folder or pattern")
+    return list(out)
+
+
+def file_hash(path: Path) -> str | None:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
+def done_hashes(out: Path) -> set[str]:
+    """The hashes with a record in `out`; a last line without its newline (a crash mid-write) is cut."""
+    if not out.exists():
+        return set()
+    data = out.read_bytes()
+    if data and not data.endswith(b"\n"):
+        cut = data.rfind(b"\n") + 1
+        with open(out, "r+b") as f:
+            f.truncate(cut)
+        data = data[:cut]
+    hashes = set()
+    for line in data.splitlines():
+        try:
+            hashes.add(json.loads(line)["sha256"])
+        except (ValueError, KeyError, TypeError):
+            continue  # not one of ours: left as it is
+    return hashes
+
+
+def drop_failed(out: Path) -> int:
+    """Remove the error records from `out` (rewritten atomically); returns how many."""
+    if not out.exists():
+        return 0
+    done_hashes(out)  # first cut a torn last line
+    keep, dropped = [], 0
+    for line in out.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            failed = "error" in json.loads(line)
+        except ValueError:
+            failed = False
+        dropped += failed
+        if not failed:
+            keep.append(line)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(keep), encoding="utf-8")
+    os.replace(tmp, out)
+    return dropped
+
+
+@dataclass
+class Job:
+    """One document (one content): its paths, hash, and its results as they come."""
+
+    paths: list[Path]
+    sha256: str | None
+    pages: int = 0
+    results: dict = field(default_factory=dict)  # unit index -> result
+    error: str | None = None
+    units: int = 1
+    finished: int = 0  # units done (or skipped after an error)
+
+
+def plan_jobs(paths: list[Path]) -> list[Job]:
+    by_hash: dict[str, Job] = {}
+    jobs = []
+    for p in paths:
+        h = file_hash(p)
+        if h is not None and h in by_hash:
+            by_hash[h].paths.append(p)
+            continue
+        job = Job([p], h)
+        jobs.append(job)
+        if h is not None:
+            by_hash[h] = job
+    return jobs
+
+
+class Task:
+    """What is done to each document: `units(job)` counts its work units (and may raise: the document
+    cannot be opened), `run(job, k)` does unit k, `record(job)` assembles the result."""
+
+    name = ""
+
+    def __init__(self, backend, pages=None, dpi=None, max_tiles=None, max_tokens=None):
+        from nanovl.media import DEFAULT_DPI
+
+        self.backend, self.pages, self.dpi, self.max_tiles = backend, pages, dpi or DEFAULT_DPI, max_tiles
+        self.max_tokens = max_tokens
+
+    def media(self, job: Job):
+        from nanovl.processor import scan_media
+
+        return scan_media([job.paths[0]], self.pages, self.dpi)
+
+    def units(self, job: Job) -> int:
+        job.pages = len(self.media(job))
+        return 1
+
+
+class AskTask(Task):
+    name = "ask"
+
+    def __init__(self, backend, question: str, **kw):
+        super().__init__(backend, **kw)
+        if not question or not question.strip():
+            raise NanovlError("--task ask needs --question")
+        self.question = question
+
+    def run(self, job: Job, k: int):
+        a = self.backend.complete(self.media(job), self.question, self.max_tokens or 256, None, self.max_tiles)
+        return {"answer": a.text.strip(), "finish_reason": a.finish_reason}
+
+    def record(self, job: Job) -> dict:
+        return job.results[0]
+
+
+class ExtractTask(Task):
+    name = "extract"
+
+    def __init__(self, backend, schema: dict, calibration=None, **kw):
+        super().__init__(backend, **kw)
+        self.schema, self.calibration = schema, calibration
+
+    def run(self, job: Job, k: int):
+        from nanovl.documents.extract import extract
+
+        return extract(self.backend, job.paths[0], self.schema, self.pages, self.dpi, self.max_tiles,
+                       self.max_tokens or 1024, self.calibration)  # fmt: skip
+
+    def record(self, job: Job) -> dict:
+        return job.results[0]
+
+
+class ConvertTask(Task):
+    name = "convert"
+
+    def __init__(self, backend, to: str = "markdown", **kw):
+        from nanovl.documents.convert import FORMATS
+
+        super().__init__(backend, **kw)
+        if to not in FORMATS:
+            raise NanovlError(f"--to must be one of {', '.join(FORMATS)}, not {to!r}")
+        self.to = to
+        self._media: dict[int, list] = {}
+
+    def units(self, job: Job) -> int:
+        media = self.media(job)  # headers only; a page is rendered when its unit runs
+        job.pages = len(media)
+        self._media[id(job)] = media
+        return len(media)
+
+    def run(self, job: Job, k: int):
+        from nanovl.documents.convert import PROMPT, PageResult, blocks, page_number
+
+        page = self._media[id(job)][k]
+        a = self.backend.complete([page], PROMPT, self.max_tokens or 2048, None, self.max_tiles)
+        text = a.text.strip()
+        return PageResult(page_number(page, k), text, a.finish_reason, blocks(text))
+
+    def record(self, job: Job) -> dict:
+        from nanovl.documents.convert import to_html
+
+        self._media.pop(id(job), None)
+        pages = [job.results[k] for k in range(job.units)]
+        if self.to == "markdown":
+            return {"markdown": "\n\n".join(f"<!-- page {p.page} -->\n\n{p.markdown}" for p in pages) + "\n"}
+        if self.to == "html":
+            sections = (f'<section data-page="{p.page}">\n{to_html(p.markdown)}</section>\n' for p in pages)
+            return {"html": "".join(sections)}
+        return {"pages": [{"page": p.page, "blocks": p.blocks, "markdown": p.markdown,
+                           "finish_reason": p.finish_reason} for p in pages]}  # fmt: skip
+
+
+def describe(e: Exception) -> str:
+    """An error record's text: the message of a user-facing error, the type too for anything else."""
+    return str(e) if isinstance(e, NanovlError) else f"{type(e).__name__}: {e}"
+
+
+def count_pages(jobs: list[Job], task: Task) -> int:
+    """Every document's page count from its headers (for the progress bar); unreadable ones count 0
+    here and fail in the run with their reason."""
+    total = 0
+    for job in jobs:
+        try:
+            job.pages = len(task.media(job))
+        except Exception:  # noqa: BLE001 - reported when the document's turn comes
+            job.pages = 0
+        total += job.pages
+    return total
+
+
+def run_batch(jobs: list[Job], task: Task, out: Path, concurrency: int = 1,
+              progress: Callable[[int], None] | None = None) -> dict:  # fmt: skip
+    """Do every job's units with at most `concurrency` in flight (documents opened in order, as the
+    window allows) and append each document's record to `out` when its last unit ends. progress(n):
+    called with the pages just finished. Returns {"done", "failed"}."""
+    counts = {"done": 0, "failed": 0}
+    width = max(concurrency, 1)
+    with open(out, "a", encoding="utf-8") as f, ThreadPoolExecutor(width) as pool:
+
+        def write(job: Job):
+            record = {"document": str(job.paths[0]), "sha256": job.sha256, "task": task.name, "pages": job.pages}
+            if len(job.paths) > 1:
+                record["same_content"] = [str(p) for p in job.paths[1:]]
+            if job.error is None:
+                record["result"] = task.record(job)
+            else:
+                record["error"] = job.error
+            counts["failed" if job.error else "done"] += 1
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")  # one write, then to disk
+            f.flush()
+            os.fsync(f.fileno())
+            job.results.clear()
+            if progress is not None and task.name != "convert":
+                progress(job.pages)
+
+        def units() -> Iterator[tuple[Job, int]]:
+            for job in jobs:
+                try:
+                    if job.sha256 is None:
+                        raise NanovlError(f"{job.paths[0]}: cannot read the file")
+                    job.units = task.units(job)
+                except Exception as e:  # noqa: BLE001 - a document that cannot be opened is its record
+                    job.error, job.units = describe(e), 0
+                if job.units == 0:
+                    write(job)
+                for k in range(job.units):
+                    yield job, k
+
+        def one(job: Job, k: int):
+            if job.error is not None:  # an earlier page of this document failed: the rest is skipped
+                return None
+            return task.run(job, k)
+
+        pending: dict = {}
+        source = units()
+        while True:
+            while len(pending) < width and (nxt := next(source, None)) is not None:
+                pending[pool.submit(one, *nxt)] = nxt
+            if not pending:
+                break
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                job, k = pending.pop(fut)
+                try:
+                    result = fut.result()
+                    if job.error is None:
+                        job.results[k] = result
+                except Exception as e:  # noqa: BLE001 - one document's failure never stops the batch
+                    job.error = job.error or describe(e)
+                job.finished += 1
+                if progress is not None and task.name == "convert":
+                    progress(1)
+                if job.finished == job.units:
+                    write(job)
+    return counts
