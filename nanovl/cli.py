@@ -330,7 +330,16 @@ def cmd_batch(args):
           f"{len(todo)} to do", file=sys.stderr)  # fmt: skip
     if not todo:
         return
-    backend = open_backend(args.model, args.endpoint, args.api_key, args.dtype)
+    if args.workers < 1 or (args.workers > 1 and args.endpoint):
+        raise NanovlError("--workers N (N >= 1) is for a local --model; with --endpoint use --concurrency")
+    if args.ray is not None and args.endpoint:
+        raise NanovlError("--ray runs the model on the cluster: give --model DIR, not --endpoint")
+    if args.workers > 1 or args.ray is not None:  # each worker loads its own copy; none is needed here
+        if not args.model:
+            raise NanovlError("--workers N and --ray need --model DIR")
+        args.model, backend = str(resolve_model(args.model)), None
+    else:
+        backend = open_backend(args.model, args.endpoint, args.api_key, args.dtype)
     if args.task == "ask":
         task = batch.AskTask(backend, args.question, **common)
     elif args.task == "extract":
@@ -343,7 +352,11 @@ def cmd_batch(args):
     concurrency = (args.concurrency or 4) if args.endpoint else 1
     total = batch.count_pages(todo, task)
     with tqdm(total=total, unit="page", desc="nanovl batch", disable=None, file=sys.stderr) as bar:
-        counts = batch.run_batch(todo, task, out, concurrency, bar.update)
+        if args.ray is not None:
+            address = None if args.ray == "local" else args.ray
+            counts = batch.run_ray(todo, task, out, address, args.model, args.dtype, args.workers, bar.update)
+        else:
+            counts = batch.run_batch(todo, task, out, concurrency, bar.update, args.workers, args.model, args.dtype)
     print(f"{counts['done']} done, {counts['failed']} failed -> {out}", file=sys.stderr)
     if counts["failed"]:
         raise NanovlError(f"{counts['failed']} document(s) failed (their error records are in {out})")
@@ -539,6 +552,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint", help="or an OpenAI-compatible server's base URL, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--api-key", help="the endpoint's API key")
     p.add_argument("--concurrency", type=int, help="--endpoint: requests in flight (default 4)")
+    p.add_argument("--workers", type=int, default=1, help="--model: processes, each with its own copy (default 1)")
+    p.add_argument(
+        "--ray", nargs="?", const="local", metavar="ADDRESS",
+        help="run on a Ray cluster through Ray Data (--workers actors); no ADDRESS: a local cluster",
+    )  # fmt: skip
     p.add_argument("--retry-failed", action="store_true", help="drop the output's error records and try those again")
     p.add_argument("--max-tokens", type=int, help="most tokens per answer (ask 256, extract 1024, convert 2048)")
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float32")

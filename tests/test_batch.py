@@ -121,3 +121,26 @@ def test_endpoint_batch_gives_the_local_records(tiny_v1, docs, tmp_path):
             assert sorted(records(remote), key=key) == sorted(records(local), key=key)
     finally:
         server.stop()
+
+
+def test_workers_and_ray_give_the_local_records(tiny_v1, docs, tmp_path, monkeypatch):
+    """2 worker processes, and Ray Data on a local cluster started here (pages as rows, the model as
+    an actor pool): the records of the one-process run."""
+    pytest.importorskip("ray")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    base = ["batch", str(docs), "--task", "convert", "--to", "json", "--model", str(tiny_v1), "--max-tokens", "6"]
+    outs = {name: tmp_path / f"{name}.jsonl" for name in ("one", "workers", "ray")}
+    assert main([*base, "--out", str(outs["one"])]) == 1  # broken.pdf
+    assert main([*base, "--out", str(outs["workers"]), "--workers", "2"]) == 1
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024 * 1024)
+    try:
+        assert main([*base, "--out", str(outs["ray"]), "--ray", "--workers", "2"]) == 1
+    finally:
+        ray.shutdown()
+    key = lambda r: r["document"]  # noqa: E731
+    one = sorted(records(outs["one"]), key=key)
+    assert len(one) == 6 and sum("error" in r for r in one) == 1
+    assert sorted(records(outs["workers"]), key=key) == one
+    assert sorted(records(outs["ray"]), key=key) == one

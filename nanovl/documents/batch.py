@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,8 +145,9 @@ def plan_jobs(paths: list[Path]) -> list[Job]:
 
 
 class Task:
-    """What is done to each document: `units(job)` counts its work units (and may raise: the document
-    cannot be opened), `run(job, k)` does unit k, `record(job)` assembles the result."""
+    """What is done to each document, by path (so that worker processes can do it too): `units(path)`
+    gives (pages, work units) and may raise (the document cannot be opened), `run(path, k)` does unit
+    k and returns something picklable, `record(job)` assembles a finished job's result."""
 
     name = ""
 
@@ -156,14 +157,20 @@ class Task:
         self.backend, self.pages, self.dpi, self.max_tiles = backend, pages, dpi or DEFAULT_DPI, max_tiles
         self.max_tokens = max_tokens
 
-    def media(self, job: Job):
+    def options(self) -> dict:
+        """The keyword arguments that rebuild this task around another backend (worker processes)."""
+        return {"pages": self.pages, "dpi": self.dpi, "max_tiles": self.max_tiles, "max_tokens": self.max_tokens}
+
+    def media(self, path: str):
         from nanovl.processor import scan_media
 
-        return scan_media([job.paths[0]], self.pages, self.dpi)
+        return scan_media([path], self.pages, self.dpi)  # headers only: pages render when encoded
 
-    def units(self, job: Job) -> int:
-        job.pages = len(self.media(job))
-        return 1
+    def units(self, path: str) -> tuple[int, int]:
+        return len(self.media(path)), 1
+
+    def record(self, job: Job) -> dict:
+        return job.results[0]
 
 
 class AskTask(Task):
@@ -175,12 +182,12 @@ class AskTask(Task):
             raise NanovlError("--task ask needs --question")
         self.question = question
 
-    def run(self, job: Job, k: int):
-        a = self.backend.complete(self.media(job), self.question, self.max_tokens or 256, None, self.max_tiles)
-        return {"answer": a.text.strip(), "finish_reason": a.finish_reason}
+    def options(self) -> dict:
+        return {**super().options(), "question": self.question}
 
-    def record(self, job: Job) -> dict:
-        return job.results[0]
+    def run(self, path: str, k: int):
+        a = self.backend.complete(self.media(path), self.question, self.max_tokens or 256, None, self.max_tiles)
+        return {"answer": a.text.strip(), "finish_reason": a.finish_reason}
 
 
 class ExtractTask(Task):
@@ -190,14 +197,14 @@ class ExtractTask(Task):
         super().__init__(backend, **kw)
         self.schema, self.calibration = schema, calibration
 
-    def run(self, job: Job, k: int):
+    def options(self) -> dict:
+        return {**super().options(), "schema": self.schema, "calibration": self.calibration}
+
+    def run(self, path: str, k: int):
         from nanovl.documents.extract import extract
 
-        return extract(self.backend, job.paths[0], self.schema, self.pages, self.dpi, self.max_tiles,
+        return extract(self.backend, path, self.schema, self.pages, self.dpi, self.max_tiles,
                        self.max_tokens or 1024, self.calibration)  # fmt: skip
-
-    def record(self, job: Job) -> dict:
-        return job.results[0]
 
 
 class ConvertTask(Task):
@@ -210,34 +217,156 @@ class ConvertTask(Task):
         if to not in FORMATS:
             raise NanovlError(f"--to must be one of {', '.join(FORMATS)}, not {to!r}")
         self.to = to
-        self._media: dict[int, list] = {}
+        self._scanned: dict[str, list] = {}  # the pages of the documents being converted (headers)
 
-    def units(self, job: Job) -> int:
-        media = self.media(job)  # headers only; a page is rendered when its unit runs
-        job.pages = len(media)
-        self._media[id(job)] = media
-        return len(media)
+    def options(self) -> dict:
+        return {**super().options(), "to": self.to}
 
-    def run(self, job: Job, k: int):
-        from nanovl.documents.convert import PROMPT, PageResult, blocks, page_number
+    def units(self, path: str) -> tuple[int, int]:
+        n = len(self.media(path))
+        return n, n
 
-        page = self._media[id(job)][k]
+    def run(self, path: str, k: int):
+        from nanovl.documents.convert import PROMPT, blocks, page_number
+
+        if path not in self._scanned:
+            if len(self._scanned) > 8:  # documents long finished; a page is never rendered twice anyway
+                self._scanned.pop(next(iter(self._scanned)))
+            self._scanned[path] = self.media(path)
+        page = self._scanned[path][k]
         a = self.backend.complete([page], PROMPT, self.max_tokens or 2048, None, self.max_tiles)
         text = a.text.strip()
-        return PageResult(page_number(page, k), text, a.finish_reason, blocks(text))
+        return {
+            "page": page_number(page, k),
+            "blocks": blocks(text),
+            "markdown": text,
+            "finish_reason": a.finish_reason,
+        }
 
     def record(self, job: Job) -> dict:
         from nanovl.documents.convert import to_html
 
-        self._media.pop(id(job), None)
+        self._scanned.pop(str(job.paths[0]), None)
         pages = [job.results[k] for k in range(job.units)]
         if self.to == "markdown":
-            return {"markdown": "\n\n".join(f"<!-- page {p.page} -->\n\n{p.markdown}" for p in pages) + "\n"}
+            return {"markdown": "\n\n".join(f"<!-- page {p['page']} -->\n\n{p['markdown']}" for p in pages) + "\n"}
         if self.to == "html":
-            sections = (f'<section data-page="{p.page}">\n{to_html(p.markdown)}</section>\n' for p in pages)
+            sections = (f'<section data-page="{p["page"]}">\n{to_html(p["markdown"])}</section>\n' for p in pages)
             return {"html": "".join(sections)}
-        return {"pages": [{"page": p.page, "blocks": p.blocks, "markdown": p.markdown,
-                           "finish_reason": p.finish_reason} for p in pages]}  # fmt: skip
+        return {"pages": pages}
+
+
+_WORKER: dict = {}  # in a worker process: its task, around its own copy of the model
+
+
+def _init_worker(cls, options: dict, model: str, dtype: str | None, threads: int):
+    import torch
+
+    import nanovl
+    from nanovl.documents.backends import LocalBackend
+
+    torch.set_num_threads(threads)
+    _WORKER["task"] = cls(LocalBackend(nanovl.load(model, dtype)), **options)
+
+
+def _work(path: str, k: int):
+    return _WORKER["task"].run(path, k)
+
+
+class RayWorker:
+    """A Ray Data actor: the task around its own copy of the model; one row (a work unit) in, the
+    row with its result (JSON text) or its error out."""
+
+    def __init__(self, cls, options: dict, model: str, dtype: str | None, threads: int):
+        _init_worker(cls, options, model, dtype, threads)
+
+    def __call__(self, batch: dict) -> dict:
+        results, errors = [], []
+        for path, k in zip(batch["path"], batch["k"]):
+            try:
+                results.append(json.dumps(_work(str(path), int(k))))
+                errors.append("")
+            except Exception as e:  # noqa: BLE001 - the document's error record
+                results.append("")
+                errors.append(describe(e))
+        return {**batch, "result": results, "error": errors}
+
+
+def run_ray(jobs: list[Job], task: Task, out: Path, address: str | None, model: str, dtype: str | None,
+            workers: int = 1, progress: Callable[[int], None] | None = None) -> dict:  # fmt: skip
+    """The same job on a Ray cluster through Ray Data: work units (pages for convert) are rows, the
+    model an actor pool of `workers` (each with its own copy), records written as documents finish.
+    address None: a local cluster on this machine. The document paths must be readable on every node."""
+    try:
+        import ray
+    except ImportError:
+        raise NanovlError("--ray needs Ray Data: pip install 'ray[data]'") from None
+    import logging
+
+    logging.getLogger("ray").setLevel(logging.WARNING)  # its per-stage progress lines, on every run
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                     object_store_memory=512 * 1024 * 1024)  # fmt: skip
+    rows, by_index = [], {}
+    counts = {"done": 0, "failed": 0}
+    with open(out, "a", encoding="utf-8") as f:
+        writer = _Writer(f, task, counts, progress)
+        for i, job in enumerate(jobs):
+            try:
+                if job.sha256 is None:
+                    raise NanovlError(f"{job.paths[0]}: cannot read the file")
+                job.pages, job.units = task.units(str(job.paths[0]))
+            except Exception as e:  # noqa: BLE001 - a document that cannot be opened is its record
+                job.error, job.units = describe(e), 0
+            if job.units == 0:
+                writer(job)
+            by_index[i] = job
+            rows += [{"job": i, "path": str(job.paths[0]), "k": k} for k in range(job.units)]
+        if not rows:
+            return counts
+        threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // workers)
+        ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), 64 * workers))
+        ds = ds.map_batches(RayWorker, batch_size=1, concurrency=workers, num_cpus=threads,
+                            fn_constructor_args=(type(task), task.options(), model, dtype, threads))  # fmt: skip
+        for row in ds.iter_rows():
+            job = by_index[int(row["job"])]
+            if row["error"]:
+                job.error = job.error or row["error"]
+            elif job.error is None:
+                job.results[int(row["k"])] = json.loads(row["result"])
+            job.finished += 1
+            if progress is not None and task.name == "convert":
+                progress(1)
+            if job.finished == job.units:
+                writer(job)
+    return counts
+
+
+class _Writer:
+    """Appends a finished job's record: one write, flushed and fsynced (a crash loses no record)."""
+
+    def __init__(self, f, task: Task, counts: dict, progress):
+        self.f, self.task, self.counts, self.progress = f, task, counts, progress
+
+    def __call__(self, job: Job):
+        record = {"document": str(job.paths[0]), "sha256": job.sha256, "task": self.task.name, "pages": job.pages}
+        if len(job.paths) > 1:
+            record["same_content"] = [str(p) for p in job.paths[1:]]
+        if job.error is None:
+            record["result"] = self.task.record(job)
+        else:
+            record["error"] = job.error
+        self.counts["failed" if job.error else "done"] += 1
+        self.f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        job.results.clear()
+        if self.progress is not None and self.task.name != "convert":
+            self.progress(job.pages)
 
 
 def describe(e: Exception) -> str:
@@ -251,7 +380,7 @@ def count_pages(jobs: list[Job], task: Task) -> int:
     total = 0
     for job in jobs:
         try:
-            job.pages = len(task.media(job))
+            job.pages = len(task.media(str(job.paths[0])))
         except Exception:  # noqa: BLE001 - reported when the document's turn comes
             job.pages = 0
         total += job.pages
@@ -259,36 +388,32 @@ def count_pages(jobs: list[Job], task: Task) -> int:
 
 
 def run_batch(jobs: list[Job], task: Task, out: Path, concurrency: int = 1,
-              progress: Callable[[int], None] | None = None) -> dict:  # fmt: skip
+              progress: Callable[[int], None] | None = None, workers: int = 1, model: str | None = None,
+              dtype: str | None = None) -> dict:  # fmt: skip
     """Do every job's units with at most `concurrency` in flight (documents opened in order, as the
-    window allows) and append each document's record to `out` when its last unit ends. progress(n):
-    called with the pages just finished. Returns {"done", "failed"}."""
-    counts = {"done": 0, "failed": 0}
-    width = max(concurrency, 1)
-    with open(out, "a", encoding="utf-8") as f, ThreadPoolExecutor(width) as pool:
+    window allows) and append each document's record to `out` when its last unit ends. workers > 1:
+    that many processes, each with its own copy of `model` and its share of the CPU threads (the
+    task's own backend is then unused). progress(n): called with the pages just finished. Returns
+    {"done", "failed"}."""
+    import multiprocessing
 
-        def write(job: Job):
-            record = {"document": str(job.paths[0]), "sha256": job.sha256, "task": task.name, "pages": job.pages}
-            if len(job.paths) > 1:
-                record["same_content"] = [str(p) for p in job.paths[1:]]
-            if job.error is None:
-                record["result"] = task.record(job)
-            else:
-                record["error"] = job.error
-            counts["failed" if job.error else "done"] += 1
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")  # one write, then to disk
-            f.flush()
-            os.fsync(f.fileno())
-            job.results.clear()
-            if progress is not None and task.name != "convert":
-                progress(job.pages)
+    counts = {"done": 0, "failed": 0}
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        init = (type(task), task.options(), model, dtype, threads)
+        pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _init_worker, init)
+        width, work = 2 * workers, _work  # one queued behind each running unit
+    else:
+        pool, width, work = ThreadPoolExecutor(max(concurrency, 1)), max(concurrency, 1), task.run
+    with open(out, "a", encoding="utf-8") as f, pool:
+        write = _Writer(f, task, counts, progress)
 
         def units() -> Iterator[tuple[Job, int]]:
             for job in jobs:
                 try:
                     if job.sha256 is None:
                         raise NanovlError(f"{job.paths[0]}: cannot read the file")
-                    job.units = task.units(job)
+                    job.pages, job.units = task.units(str(job.paths[0]))
                 except Exception as e:  # noqa: BLE001 - a document that cannot be opened is its record
                     job.error, job.units = describe(e), 0
                 if job.units == 0:
@@ -296,16 +421,17 @@ def run_batch(jobs: list[Job], task: Task, out: Path, concurrency: int = 1,
                 for k in range(job.units):
                     yield job, k
 
-        def one(job: Job, k: int):
-            if job.error is not None:  # an earlier page of this document failed: the rest is skipped
-                return None
-            return task.run(job, k)
-
         pending: dict = {}
         source = units()
         while True:
             while len(pending) < width and (nxt := next(source, None)) is not None:
-                pending[pool.submit(one, *nxt)] = nxt
+                job, k = nxt
+                if job.error is not None:  # an earlier page of this document failed: skip the rest
+                    job.finished += 1
+                    if job.finished == job.units:
+                        write(job)
+                    continue
+                pending[pool.submit(work, str(job.paths[0]), k)] = nxt
             if not pending:
                 break
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
