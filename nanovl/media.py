@@ -190,7 +190,10 @@ def _render(data: bytes, name: str, index: int, scale: float) -> Image.Image:
 
     doc = _open_pdf(data, name)
     try:
-        return to_rgb(doc[index].render(scale=scale).to_pil())
+        page = doc[index]
+        image = to_rgb(page.render(scale=scale).to_pil())
+        page.close()
+        return image
     except pdfium.PdfiumError as e:
         raise MediaError(f"{name} page {index + 1}: cannot render ({e})") from None
     finally:
@@ -212,8 +215,8 @@ def scan_pdf(data: bytes, name: str, pages: str | None = None, dpi: float = DEFA
         if max_pages is not None and len(selected) > max_pages:
             raise MediaError(f"{name}: {len(selected)} pages selected, more than the {max_pages} allowed")
         for i in selected:
-            try:
-                w, h = doc[i].get_size()
+            try:  # the size without loading the page (a loaded page holds its content: ~0.35 MB each)
+                w, h = doc.get_page_size(i)
             except pdfium.PdfiumError as e:  # e.g. a page count that lies
                 raise MediaError(f"{name} page {i + 1}: cannot read the page ({e})") from None
             size = (round(w * scale), round(h * scale))

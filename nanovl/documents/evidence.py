@@ -77,6 +77,8 @@ def pdf_text(data: bytes, pages: list[int]) -> list[PageText | None]:
                 else:
                     left, bottom, right, top = tp.get_charbox(j)
                     boxes.append((left, height - top, right, height - bottom))
+            tp.close()
+            page.close()  # a loaded page holds its content until closed
             text = "".join(chars)
             out.append(PageText(i + 1, text, boxes, "text-layer") if text.strip() else None)
         return out
