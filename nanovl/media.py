@@ -20,6 +20,7 @@ import binascii
 import io
 import math
 import struct
+import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from nanovl.errors import NanovlError
 
+# PDFium is not thread-safe: every pypdfium2 call of nanovl holds this lock (the server renders in a
+# thread pool; batch jobs keep several pages in flight). Concurrent calls failed as "Data format error".
+PDFIUM_LOCK = threading.RLock()
 MAX_PIXELS = 100_000_000  # 100 MP: a 600-DPI A3 page fits; a decompression bomb does not
 DEFAULT_DPI = 144
 # what a malformed file can make Pillow raise while opening or decoding it
@@ -179,7 +183,8 @@ def _open_pdf(data: bytes, name: str):
     import pypdfium2 as pdfium
 
     try:
-        return pdfium.PdfDocument(data)
+        with PDFIUM_LOCK:
+            return pdfium.PdfDocument(data)
     except pdfium.PdfiumError as e:
         reason = "it is encrypted (password-protected)" if "password" in str(e).lower() else str(e)
         raise MediaError(f"{name}: cannot open PDF: {reason}") from None
@@ -188,27 +193,36 @@ def _open_pdf(data: bytes, name: str):
 def _render(data: bytes, name: str, index: int, scale: float) -> Image.Image:
     import pypdfium2 as pdfium
 
-    doc = _open_pdf(data, name)
-    try:
-        page = doc[index]
-        image = to_rgb(page.render(scale=scale).to_pil())
-        page.close()
-        return image
-    except pdfium.PdfiumError as e:
-        raise MediaError(f"{name} page {index + 1}: cannot render ({e})") from None
-    finally:
-        doc.close()
+    with PDFIUM_LOCK:
+        doc = _open_pdf(data, name)
+        try:
+            page = doc[index]
+            bitmap = page.render(scale=scale)
+            image = to_rgb(bitmap.to_pil()).copy()  # our own pixels: the bitmap is freed here, under the lock
+            bitmap.close()
+            page.close()
+            return image
+        except pdfium.PdfiumError as e:
+            raise MediaError(f"{name} page {index + 1}: cannot render ({e})") from None
+        finally:
+            doc.close()
 
 
 def scan_pdf(data: bytes, name: str, pages: str | None = None, dpi: float = DEFAULT_DPI, max_pixels=MAX_PIXELS,
              max_pages: int | None = None):  # fmt: skip
     """The selected pages of a PDF as `Page`s, sized from the page boxes; nothing is rendered yet.
     max_pages: refuse a selection of more pages than this (checked before any page is read)."""
-    import pypdfium2 as pdfium
 
     if not (isinstance(dpi, (int, float)) and math.isfinite(dpi) and dpi > 0):
         raise MediaError(f"the PDF render resolution must be a number of DPI above 0; got {dpi}")
     scale = dpi / 72.0
+    with PDFIUM_LOCK:
+        return _scan_pdf(data, name, pages, scale, dpi, max_pixels, max_pages)
+
+
+def _scan_pdf(data: bytes, name: str, pages, scale: float, dpi: float, max_pixels, max_pages):
+    import pypdfium2 as pdfium
+
     doc = _open_pdf(data, name)
     try:
         out, selected = [], parse_pages(pages, len(doc))

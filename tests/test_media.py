@@ -191,3 +191,24 @@ def test_pages_are_sized_before_they_are_rendered(tmp_path, monkeypatch):
     photo.save(buf, "JPEG", exif=exif)
     (page,) = media.scan_document(buf.getvalue())
     assert page.size == (30, 40) == page.load().size
+
+
+def test_pdf_pages_render_from_several_threads(monkeypatch):
+    """PDFium is not thread-safe: the server and batch jobs render in threads, so every pypdfium2
+    call holds one lock (without it, opening PDFs concurrently failed with "Data format error")."""
+    from concurrent.futures import ThreadPoolExecutor
+    from pathlib import Path
+
+    from nanovl.media import scan_document
+
+    corpus = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
+    pdfs = sorted(corpus.glob("*/*.pdf"))
+    if not pdfs:
+        pytest.skip(f"the shared corpus is not at {corpus}")
+
+    def work(path):
+        return [p.load().size for p in scan_document(path, dpi=36)]
+
+    with ThreadPoolExecutor(4) as pool:
+        sizes = list(pool.map(work, pdfs * 3))
+    assert len(sizes) == len(pdfs) * 3 and all(s and s[0][0] > 0 for s in sizes)

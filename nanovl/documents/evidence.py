@@ -57,6 +57,13 @@ class PageText:
 
 def pdf_text(data: bytes, pages: list[int]) -> list[PageText | None]:
     """The text layer of the given 0-based pages of a PDF; None for a page without one."""
+    from nanovl.media import PDFIUM_LOCK
+
+    with PDFIUM_LOCK:
+        return _pdf_text(data, pages)
+
+
+def _pdf_text(data: bytes, pages: list[int]) -> list[PageText | None]:
     import pypdfium2 as pdfium
     import pypdfium2.raw as raw
 

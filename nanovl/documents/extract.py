@@ -197,9 +197,12 @@ def document_text(src, pages: str | None, dpi: float, images=None) -> tuple[list
     if data is not None and is_pdf(data):
         import pypdfium2 as pdfium
 
-        doc = pdfium.PdfDocument(data)
-        count = len(doc)
-        doc.close()
+        from nanovl.media import PDFIUM_LOCK
+
+        with PDFIUM_LOCK:
+            doc = pdfium.PdfDocument(data)
+            count = len(doc)
+            doc.close()
         selected = parse_pages(pages, count)
         texts, scale = pdf_text(data, selected), 72.0 / dpi
     else:
