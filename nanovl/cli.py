@@ -210,7 +210,6 @@ def cmd_ask(args):
 
 
 def cmd_extract(args):
-    from nanovl.documents.backends import open_backend
     from nanovl.documents.extract import extract, fields_schema, find_calibration, load_extract_schema
 
     if bool(args.schema) == bool(args.fields):
@@ -238,6 +237,19 @@ def cmd_extract(args):
             out.close()
     if failed:
         raise NanovlError(f"{failed} of {len(args.documents)} document(s) failed (error records written)")
+
+
+def open_backend(model: str | None, endpoint: str | None, api_key: str | None, dtype: str | None):
+    """--model DIR or --endpoint URL (one of them) -> a documents backend."""
+    from nanovl.documents.backends import EndpointBackend, LocalBackend
+
+    if bool(model) == bool(endpoint):
+        raise NanovlError("give --model DIR (run here) or --endpoint URL (an OpenAI-compatible server), one of them")
+    if endpoint:
+        return EndpointBackend(endpoint, api_key)
+    import nanovl
+
+    return LocalBackend(nanovl.load(model, dtype))
 
 
 def convert_one(backend, doc: str, target: Path | None, args) -> bool:
@@ -273,8 +285,29 @@ def convert_one(backend, doc: str, target: Path | None, args) -> bool:
     return True
 
 
+def cmd_extract_calibrate(args):
+    from tqdm import tqdm
+
+    from nanovl.documents.calibrate import calibrate, measure
+    from nanovl.documents.extract import CALIBRATION_FILE
+
+    if not args.out and not args.model:
+        raise NanovlError("with --endpoint, say where the calibration goes: --out FILE")
+    out = Path(args.out) if args.out else resolve_model(args.model) / CALIBRATION_FILE
+    plot = Path(args.plot) if args.plot else out.with_suffix(".png")
+    data = Path(args.data)
+    backend = open_backend(args.model, args.endpoint, args.api_key, args.dtype)
+    with tqdm(desc="extract calibrate", unit="doc", disable=None, file=sys.stderr) as bar:
+        rows = measure(backend, data, args.limit, bar.update)
+    s = calibrate(rows, out, plot, str(data))
+    m = s["measured"]
+    print(f"fitted on {s['fit']['values']} values of {s['fit']['documents']} documents; measured on {m['values']} "
+          f"values of {m['documents']} others: accuracy {m['accuracy']:.3f}, expected calibration error "
+          f"{m['ece_before']:.3f} raw -> {m['ece_after']:.3f} calibrated")  # fmt: skip
+    print(f"wrote {out} and {plot}", file=sys.stderr)
+
+
 def cmd_convert(args):
-    from nanovl.documents.backends import open_backend
     from nanovl.documents.convert import FORMATS, SUFFIX
 
     if args.to not in FORMATS:
@@ -305,7 +338,6 @@ def cmd_batch(args):
     from tqdm import tqdm
 
     from nanovl.documents import batch
-    from nanovl.documents.backends import open_backend
 
     out = Path(args.out)
     paths = batch.expand_inputs(args.inputs)
@@ -527,6 +559,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_document_args(p)
     p.set_defaults(func=cmd_extract)
 
+    p = sub.add_parser("extract-calibrate", help="(nanovl extract calibrate) fit extraction confidence, held-out data")
+    p.add_argument("--data", required=True, help="a folder from `nanovl synth DIR --split eval --pdf` (its pdf.jsonl)")
+    p.add_argument("--model", help="vision-language " + MODEL_HELP)
+    p.add_argument("--endpoint", help="or an OpenAI-compatible server's base URL")
+    p.add_argument("--api-key", help="the endpoint's API key")
+    p.add_argument("--out", help=f"the calibration file (default: {'{MODEL}'}/extract_calibration.json, beside it)")
+    p.add_argument("--plot", help="the reliability diagram (default: the calibration file with .png)")
+    p.add_argument("--limit", type=int, help="use only the first N documents")
+    p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float32")
+    p.set_defaults(func=cmd_extract_calibrate)
+
     p = sub.add_parser("convert", help="convert documents to Markdown, HTML or JSON blocks, page by page")
     p.add_argument("documents", nargs="+", metavar="DOC", help="PDFs or images")
     p.add_argument("--to", default="markdown", help="markdown (default), html or json")
@@ -647,6 +690,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["extract", "calibrate"]:  # `nanovl extract calibrate` is its own command
+        argv = ["extract-calibrate", *argv[2:]]
     if len(argv) > 1 and argv[0] == "eval" and argv[1] not in ("run", "score", "-h", "--help"):
         argv.insert(1, "run")  # `nanovl eval TASK ...` is `nanovl eval run TASK ...`
     args = build_parser().parse_args(argv)

@@ -43,9 +43,7 @@ class LocalBackend:
     """A VisionLanguageModel in this process. One answer at a time (a lock), greedy."""
 
     def __init__(self, model):
-        from nanovl.api import VisionLanguageModel
-
-        if not isinstance(model, VisionLanguageModel):
+        if not hasattr(model, "processor"):  # a TextModel (nanovl.api; not imported: api imports this)
             raise NanovlError(f"{model.path} is a text-only model; documents need a vision-language checkpoint")
         self.model, self.lock, self.path = model, threading.Lock(), model.path
         self.name = str(model.path)
@@ -72,15 +70,24 @@ def png_data_url(image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def openai_client(url: str, api_key: str | None, model: str | None, timeout: float):
+    """An OpenAI client for `url` and the model to ask for (`model`, else the endpoint's first)."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=url, api_key=api_key or "none", max_retries=2, timeout=timeout)
+    try:
+        return client, model or client.models.list().data[0].id
+    except Exception as e:  # the openai client raises many kinds; say what failed, once
+        raise NanovlError(f"{url}: cannot list the endpoint's models ({e})") from None
+
+
 class EndpointBackend:
     """An OpenAI-compatible server: one chat completion per call, pages as PNG image parts; safe to
     call from several threads (the client is)."""
 
     def __init__(self, url: str, api_key: str | None = None, model: str | None = None, timeout: float = 600):
-        from nanovl.eval.runner import EndpointBackend as Client
-
-        client = Client(url, api_key, model, timeout)
-        self.client, self.name, self.path = client.client, client.name, None
+        self.client, self.name = openai_client(url, api_key, model, timeout)
+        self.path = None
 
     def complete(self, media, prompt: str, max_tokens: int, schema: dict | None = None, max_tiles=None) -> Answer:
         parts = []
@@ -109,15 +116,3 @@ class EndpointBackend:
         usage = r.usage.prompt_tokens if r.usage else 0
         return Answer(text, token_offsets(text, [t.token for t in content]), [t.logprob for t in content],
                       choice.finish_reason, usage)  # fmt: skip
-
-
-def open_backend(model: str | None = None, endpoint: str | None = None, api_key: str | None = None,
-                 dtype: str | None = None):  # fmt: skip
-    """--model DIR or --endpoint URL (one of them) -> a backend."""
-    if bool(model) == bool(endpoint):
-        raise NanovlError("give --model DIR (run here) or --endpoint URL (an OpenAI-compatible server), one of them")
-    if endpoint:
-        return EndpointBackend(endpoint, api_key)
-    import nanovl
-
-    return LocalBackend(nanovl.load(model, dtype))

@@ -263,11 +263,14 @@ def grounded(text: str, offsets, logprobs, texts, reasons, calibration) -> dict:
 def extract(backend, src, schema: dict, pages: str | None = None, dpi: float = DEFAULT_DPI, max_tiles=None,
             max_new_tokens: int = 1024, calibration=None) -> dict:  # fmt: skip
     """One document (a path, bytes, ...) -> {"fields", "pages", "confidence", "raw"} through a backend
-    (documents/backends.py). calibration: a Calibration (default: the one beside a local model)."""
+    (documents/backends.py). calibration: a Calibration; None: the one stored beside a local model,
+    if any; False: none (raw confidences)."""
     from nanovl.processor import scan_media
 
     check_extract_schema(schema)
-    calibration = calibration if calibration is not None else find_calibration(backend.path)
+    if calibration is None:
+        calibration = find_calibration(backend.path)
+    calibration = calibration or None
     media = scan_media([src], pages, dpi)
     answer = backend.complete(media, extract_prompt(schema), max_new_tokens, bounded(schema), max_tiles)
     return finish_extraction(answer.text, answer.offsets, answer.logprobs, answer.finish_reason, src, pages, dpi,

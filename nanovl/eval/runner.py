@@ -47,13 +47,9 @@ class LocalBackend:
 
 class EndpointBackend:
     def __init__(self, url: str, api_key: str | None = None, model: str | None = None, timeout: float = 300):
-        from openai import OpenAI
+        from nanovl.documents.backends import openai_client
 
-        self.client = OpenAI(base_url=url, api_key=api_key or "none", max_retries=2, timeout=timeout)
-        try:
-            self.name = model or self.client.models.list().data[0].id
-        except Exception as e:  # the openai client raises many kinds; say what failed, once
-            raise NanovlError(f"{url}: cannot list the endpoint's models ({e})") from None
+        self.client, self.name = openai_client(url, api_key, model, timeout)
 
     def predict(self, item: Item, max_tokens: int) -> tuple[str, dict]:
         from nanovl.prompts import PLACEHOLDERS
