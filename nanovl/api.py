@@ -124,7 +124,7 @@ class VisionLanguageModel(TextModel):
 
 
     def extract(self, document, schema: dict | None = None, fields=None, pages=None, dpi=DEFAULT_DPI,
-                max_tiles=None, max_new_tokens: int = 1024, calibration=None) -> dict:  # fmt: skip
+                max_tiles=None, max_new_tokens: int | None = None, calibration=None) -> dict:  # fmt: skip
         """Fields of one document (a path, bytes, ...) as JSON: `schema` (a JSON schema object) or
         `fields` ("total,date" or a list: strings); each leaf comes back as {"value", "confidence",
         "evidence"} (documents/extract.py)."""

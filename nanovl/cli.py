@@ -554,7 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", help="the endpoint's API key")
     p.add_argument("--calibration", help="a calibration file (default: extract_calibration.json beside the model)")
     p.add_argument("--out", help="append one JSON record per document to this file (default: stdout)")
-    p.add_argument("--max-tokens", type=int, default=1024, help="most tokens of the JSON answer (default 1024)")
+    p.add_argument("--max-tokens", type=int, help="most tokens of the JSON answer (default: what the schema can need)")
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float32")
     add_document_args(p)
     p.set_defaults(func=cmd_extract)
@@ -601,7 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run on a Ray cluster through Ray Data (--workers actors); no ADDRESS: a local cluster",
     )  # fmt: skip
     p.add_argument("--retry-failed", action="store_true", help="drop the output's error records and try those again")
-    p.add_argument("--max-tokens", type=int, help="most tokens per answer (ask 256, extract 1024, convert 2048)")
+    p.add_argument("--max-tokens", type=int, help="per answer (ask 256, extract: what its schema needs, convert 2048)")
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float32")
     add_document_args(p)
     p.set_defaults(func=cmd_batch)

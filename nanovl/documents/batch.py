@@ -204,7 +204,7 @@ class ExtractTask(Task):
         from nanovl.documents.extract import extract
 
         return extract(self.backend, path, self.schema, self.pages, self.dpi, self.max_tiles,
-                       self.max_tokens or 1024, self.calibration)  # fmt: skip
+                       self.max_tokens, self.calibration)  # fmt: skip
 
 
 class ConvertTask(Task):

@@ -76,14 +76,16 @@ def load_extract_schema(path: str) -> dict:
         raise RequestError(f"{path}: {e}") from None
 
 
-MAX_STRING = 200  # characters of a string field whose schema gives no maxLength
+MAX_STRING = 100  # characters of a string field whose schema gives no maxLength
+ARRAY_ITEMS = 20  # lm-format-enforcer's cap on an array whose schema gives no maxItems
+MAX_BUDGET = 4096  # the default token budget's ceiling: it is reserved in the context, beside the pages
 
 
 def bounded(schema: dict) -> dict:
     """The schema as extraction enforces it, so that any model's answer ends: strings of at most
     MAX_STRING characters where no maxLength is given, and objects with only their listed
     properties where additionalProperties is not given (arrays: lm-format-enforcer's default cap,
-    20 items, where no maxItems is given)."""
+    ARRAY_ITEMS items, where no maxItems is given)."""
     schema = json.loads(json.dumps(schema))
     for node in _schema_nodes(schema):
         kinds = node.get("type") if isinstance(node.get("type"), list) else [node.get("type")]
@@ -92,6 +94,38 @@ def bounded(schema: dict) -> dict:
         if "object" in kinds and "properties" in node and "additionalProperties" not in node:
             node["additionalProperties"] = False
     return schema
+
+
+def token_budget(schema: dict) -> int:
+    """Enough new tokens for the longest answer a bounded schema admits (a token is at least one
+    character): the default of `max_new_tokens`, so that the answer of any model ends, even one
+    that fills every string (a random checkpoint does); at most MAX_BUDGET, as it is reserved in the
+    context beside the pages (a schema that can need more: pass max_new_tokens)."""
+    from nanovl.engine.constrained import MAX_NUMBER_CHARS
+
+    def chars(node, depth=0) -> int:
+        if not isinstance(node, dict) or depth > 32:
+            return 64
+        if "enum" in node or "const" in node:
+            options = node.get("enum", [node.get("const")])
+            return max(len(json.dumps(o)) for o in options) if options else 8
+        for key in ("anyOf", "oneOf"):
+            if key in node:
+                return max(chars(x, depth + 1) for x in node[key])
+        kinds = node.get("type") if isinstance(node.get("type"), list) else [node.get("type")]
+        best = 8
+        if "string" in kinds:
+            best = max(best, node.get("maxLength", MAX_STRING) + 4)
+        if "number" in kinds or "integer" in kinds:
+            best = max(best, MAX_NUMBER_CHARS + 2)
+        if "object" in kinds:
+            props = node.get("properties", {})
+            best = max(best, 4 + sum(len(k) + 6 + chars(v, depth + 1) for k, v in props.items()))
+        if "array" in kinds:
+            best = max(best, 4 + node.get("maxItems", ARRAY_ITEMS) * (2 + chars(node.get("items", {}), depth + 1)))
+        return best
+
+    return min(chars(schema) + 16, MAX_BUDGET)
 
 
 def extract_prompt(schema: dict) -> str:
@@ -261,10 +295,10 @@ def grounded(text: str, offsets, logprobs, texts, reasons, calibration) -> dict:
 
 
 def extract(backend, src, schema: dict, pages: str | None = None, dpi: float = DEFAULT_DPI, max_tiles=None,
-            max_new_tokens: int = 1024, calibration=None) -> dict:  # fmt: skip
+            max_new_tokens: int | None = None, calibration=None) -> dict:  # fmt: skip
     """One document (a path, bytes, ...) -> {"fields", "pages", "confidence", "raw"} through a backend
-    (documents/backends.py). calibration: a Calibration; None: the one stored beside a local model,
-    if any; False: none (raw confidences)."""
+    (documents/backends.py). max_new_tokens None: what the schema can need (`token_budget`).
+    calibration: a Calibration; None: the one stored beside a local model, if any; False: none."""
     from nanovl.processor import scan_media
 
     check_extract_schema(schema)
@@ -272,7 +306,9 @@ def extract(backend, src, schema: dict, pages: str | None = None, dpi: float = D
         calibration = find_calibration(backend.path)
     calibration = calibration or None
     media = scan_media([src], pages, dpi)
-    answer = backend.complete(media, extract_prompt(schema), max_new_tokens, bounded(schema), max_tiles)
+    enforced = bounded(schema)
+    budget = max_new_tokens or token_budget(enforced)
+    answer = backend.complete(media, extract_prompt(schema), budget, enforced, max_tiles)
     return finish_extraction(answer.text, answer.offsets, answer.logprobs, answer.finish_reason, src, pages, dpi,
                              media, calibration)  # fmt: skip
 

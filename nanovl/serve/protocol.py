@@ -135,7 +135,7 @@ class ExtractRequest(BaseModel):
     fields: str | list[str] | None = None
     pages: str | None = None
     max_tiles: int | None = None
-    max_tokens: int = Field(default=1024, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1)  # None: what the schema can need
 
 
 class MediaRef(BaseModel):

@@ -178,6 +178,7 @@ async def extract(request: Request, req: Annotated[ExtractRequest, Depends(extra
         fields_schema,
         find_calibration,
         finish_extraction,
+        token_budget,
     )
 
     server = state(request)
@@ -197,7 +198,9 @@ async def extract(request: Request, req: Annotated[ExtractRequest, Depends(extra
         src = resolve_source(req.document, server.allowed, server.allow_remote)
         media = scan_source(src, req.pages, DEFAULT_DPI, limits.max_image_pixels, max_pages=limits.max_media,
                             video=False)  # fmt: skip
-        params = model.params(max_new_tokens=req.max_tokens, temperature=0.0, json_schema=bounded(schema), stop=None)
+        enforced = bounded(schema)
+        budget = req.max_tokens or token_budget(enforced)
+        params = model.params(max_new_tokens=budget, temperature=0.0, json_schema=enforced, stop=None)
         prompt = server.processor.prepare(media, extract_prompt(schema), req.max_tiles, None, params.max_new_tokens)
         constraint = compile_constraint(model.tokenizer, model.model.config.vocab_size, params.json_schema, prompt.ids)
         return src, media, params, prompt, constraint
