@@ -339,3 +339,48 @@ def test_every_held_out_synthetic_document_gives_a_schema_valid_record(tiny_v1, 
     for r in records:
         schema = fields_schema(list(r["fields"]))
         check_record(m.extract(tmp_path / r["file"], schema=schema), schema)
+
+
+ocr = pytest.mark.skipif(
+    __import__("nanovl.documents.evidence", fromlist=["x"]).ocr_available() is not None,
+    reason="no OCR engine here (tesseract and pytesseract): the scan path is optional",
+)
+
+
+@needs_corpus
+@ocr
+def test_ocr_evidence_on_scanned_receipts(tmp_path):
+    """The SROIE receipts (photos, no text layer) with tesseract: most gold values are located, and a
+    located date or amount prints the same digits (fuzzy matching never turns 25/12 into 24/12). The
+    same receipt as an image-only PDF gives its boxes in points."""
+    from PIL import Image
+
+    from nanovl.documents.extract import document_text
+    from nanovl.media import load_document
+
+    found = total = 0
+    for src in sorted((CORPUS / "sroie").glob("*.jpg")):
+        truth = json.loads(next((CORPUS / "sroie").glob(src.stem + ".gt.*.json")).read_text())
+        _, texts, _ = document_text(src, None, 144, [lambda src=src: load_document(src)[0]])
+        assert texts[0] is not None and texts[0].source == "ocr"
+        w, h = Image.open(src).size
+        for field, value in truth.items():
+            total += 1
+            e = locate(value, texts)
+            if e is None:
+                continue
+            found += 1
+            x0, y0, x1, y1 = e["bbox"]
+            assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
+            if field in ("date", "total"):
+                assert digits(e["text"]) == digits(value), (src.name, field, e)
+    assert total == 16 and found >= 12, (found, total)
+    # an image-only PDF of a receipt (72 points per inch = its pixels): boxes in points
+    src = CORPUS / "sroie" / "sroie_000.jpg"
+    Image.open(src).convert("RGB").save(tmp_path / "scan.pdf", resolution=72.0)
+    scan = tmp_path / "scan.pdf"
+    _, texts, _ = document_text(scan, None, 144, [lambda: load_document(scan)[0]])
+    from_pdf = locate("25/12/2018", texts)
+    _, texts, _ = document_text(src, None, 144, [lambda: load_document(src)[0]])
+    from_jpg = locate("25/12/2018", texts)
+    assert from_pdf and from_jpg and all(abs(a - b) <= 4 for a, b in zip(from_pdf["bbox"], from_jpg["bbox"]))

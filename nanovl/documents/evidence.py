@@ -9,8 +9,10 @@ character), and the evidence is the union of the boxes of the characters it matc
   (`1234.5` -> `1,234.50`, `1.234,50`, `1234.50`, ...), matched only between non-digits; for ISO dates,
   the usual day / month / year orders and month names (English, German, French, Spanish, Italian,
   Dutch); then, for strings of 4 characters or more, the best fuzzy match (rapidfuzz alignment, score
-  >= 90). Case, runs of whitespace and typographic quotes are normalised first; values with digits
-  are also matched with every space taken out of both sides ("August 3 , 2014", "FR 604 219 388 61").
+  >= 90), which for values that are mostly digits must hold the same digits (fuzzy on OCR noise in
+  names and addresses, never on a date or an amount). Case, runs of whitespace and typographic
+  quotes are normalised first; values with digits are also matched with every space taken out of
+  both sides ("August 3 , 2014", "FR 604 219 388 61").
 - Pages with no text layer (scans, images): words from tesseract when `pytesseract` and the
   `tesseract` binary are installed (optional, never required); otherwise no evidence, with the reason.
 """
@@ -252,6 +254,16 @@ def _fuzzy(needle: str, hay: str):
     return best
 
 
+def _digits(text: str) -> str:
+    return "".join(c for c in text if c.isdigit())
+
+
+def _mostly_digits(text: str) -> bool:
+    """Half or more of the non-space characters are digits (dates, amounts, numbers, ids)."""
+    chars = [c for c in text if not c.isspace()]
+    return bool(chars) and sum(c.isdigit() for c in chars) * 2 >= len(chars)
+
+
 def locate(value, pages: list[PageText | None]) -> dict | None:
     """Where `value` stands on these pages: {"page", "bbox", "text", "source", "match"}, or None."""
     if value is None or isinstance(value, bool) or not pages:
@@ -282,7 +294,11 @@ def locate(value, pages: list[PageText | None]) -> dict | None:
         return None
     best = None
     for page in pages:
-        if page is not None and (m := _fuzzy(needle, page.normalised[0])) and (best is None or m[0] > best[0]):
+        if page is None or not (m := _fuzzy(needle, page.normalised[0])):
+            continue
+        if _mostly_digits(needle) and _digits(page.normalised[0][m[1] : m[2]]) != _digits(needle):
+            continue  # 25/12/2018 is not 24/12/2018, however close the strings
+        if best is None or m[0] > best[0]:
             best = (*m, page)
     if best is None:
         return None
