@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from nanovl.documents.connect import open_backend
 from nanovl.errors import NanovlError
 from nanovl.hub import MODEL_HINT, resolve_model
 
@@ -237,19 +238,6 @@ def cmd_extract(args):
             out.close()
     if failed:
         raise NanovlError(f"{failed} of {len(args.documents)} document(s) failed (error records written)")
-
-
-def open_backend(model: str | None, endpoint: str | None, api_key: str | None, dtype: str | None):
-    """--model DIR or --endpoint URL (one of them) -> a documents backend."""
-    from nanovl.documents.backends import EndpointBackend, LocalBackend
-
-    if bool(model) == bool(endpoint):
-        raise NanovlError("give --model DIR (run here) or --endpoint URL (an OpenAI-compatible server), one of them")
-    if endpoint:
-        return EndpointBackend(endpoint, api_key)
-    import nanovl
-
-    return LocalBackend(nanovl.load(model, dtype))
 
 
 def convert_one(backend, doc: str, target: Path | None, args) -> bool:

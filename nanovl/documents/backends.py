@@ -13,13 +13,14 @@ import io
 import threading
 from dataclasses import dataclass
 
+from nanovl.engine.reasoning import split_reasoning
 from nanovl.errors import NanovlError
 
 
 @dataclass
 class Answer:
     text: str
-    offsets: list[tuple[int, int]]  # per token: its characters in `text`
+    offsets: list[tuple[int, int]]  # per token: its characters in `text` (empty when a <think> block was cut)
     logprobs: list[float]  # per token: log-probability under the model (OpenAI's `logprobs`)
     finish_reason: str | None
     prompt_tokens: int = 0
@@ -61,6 +62,10 @@ class LocalBackend:
                 logprobs.append(d.logprobs["logprob"])
                 text += d.text
                 finish = d.finish_reason or finish
+        if schema is None:  # a reasoning model's <think> block is not the answer (the server splits it off too)
+            reasoning, answer = split_reasoning(text)
+            if reasoning is not None:
+                text, offsets, logprobs = answer, [], []
         return Answer(text, offsets, logprobs, finish, len(p.ids))
 
 

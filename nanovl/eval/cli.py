@@ -22,7 +22,7 @@ def olmocr_bench(args, pages_from=None):
     if pages_from is not None:
         pages = olmocr.read_pages(tests, Path(pages_from))
     else:
-        from nanovl.cli import open_backend
+        from nanovl.documents.connect import open_backend
 
         backend = open_backend(args.model, args.endpoint, args.api_key, None)
         n = len({(t.pdf, t.page) for t in tests})
