@@ -382,6 +382,15 @@ def cmd_batch(args):
         raise NanovlError(f"{counts['failed']} document(s) failed (their error records are in {out})")
 
 
+def cmd_mcp(args):
+    try:
+        from nanovl.serve.mcp import serve_mcp
+    except ImportError as e:
+        raise NanovlError(f"`nanovl mcp` needs the MCP SDK: pip install mcp ({e})") from None
+    serve_mcp(args.root, open_backend(args.model, args.endpoint, args.api_key, args.dtype), args.transport,
+              args.host, args.port)  # fmt: skip
+
+
 def cmd_tiles(args):
     from nanovl.checkpoint import tile_spec
     from nanovl.media import load_document
@@ -593,6 +602,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float32")
     add_document_args(p)
     p.set_defaults(func=cmd_batch)
+
+    p = sub.add_parser("mcp", help="serve the documents of a folder to agents over MCP (stdio or HTTP)")
+    p.add_argument("--root", required=True, help="the folder whose documents the tools may read (nothing outside)")
+    p.add_argument("--model", help="vision-language " + MODEL_HELP)
+    p.add_argument("--endpoint", help="or an OpenAI-compatible server's base URL")
+    p.add_argument("--api-key", help="the endpoint's API key")
+    p.add_argument("--transport", default="stdio", choices=["stdio", "http"], help="stdio (default) or http")
+    p.add_argument("--host", default="127.0.0.1", help="http: address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8765, help="http: port (default 8765); the endpoint is /mcp")
+    p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float32")
+    p.set_defaults(func=cmd_mcp)
 
     p = sub.add_parser("tiles", help="show how a document is cut into tiles for a model")
     p.add_argument("file", help="an image or a PDF")
