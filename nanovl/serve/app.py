@@ -25,7 +25,8 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
@@ -65,7 +66,17 @@ def create_app(model, name: str, api_key: str | None = None, max_concurrency: in
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(Exception, unexpected)
     app.include_router(router)
+    app.mount("/web", StaticFiles(directory=WEB), name="web")
+    app.add_api_route("/", web_page, methods=["GET"], include_in_schema=False)
     return app
+
+
+WEB = Path(__file__).parent / "web"  # the page and its script: static files, no build step, no CDN
+CSP = "default-src 'self'; img-src 'self' data: blob:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+
+
+async def web_page():
+    return FileResponse(WEB / "index.html", headers={"Content-Security-Policy": CSP})
 
 
 @asynccontextmanager

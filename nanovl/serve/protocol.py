@@ -138,6 +138,26 @@ class ExtractRequest(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)  # None: what the schema can need
 
 
+class PagesRequest(BaseModel):
+    """POST /v1/pages: a document's pages rendered as PNG, each with the tile grid the model would use."""
+
+    model_config = {"extra": "forbid"}
+    document: str = Field(min_length=1)
+    pages: str | None = None
+    dpi: float = Field(default=96, gt=0, le=300)
+    max_tiles: int | None = None
+
+
+class ConvertRequest(BaseModel):
+    """POST /v1/convert: pages of a document as Markdown (and sanitised HTML)."""
+
+    model_config = {"extra": "forbid"}
+    model: str | None = None
+    document: str = Field(min_length=1)
+    pages: str | None = None
+    max_tokens: int = Field(default=2048, ge=1)
+
+
 class MediaRef(BaseModel):
     kind: Literal["image", "video", "document", "embeds"]
     url: str = ""

@@ -1,4 +1,5 @@
-"""The endpoints: /health, /metrics, /v1/models, /v1/chat/completions and /v1/extract, as one APIRouter.
+"""The endpoints: /health, /metrics, /v1/models, /v1/chat/completions, and the document endpoints
+/v1/extract, /v1/convert and /v1/pages (the web page's), as one APIRouter.
 
 - Handlers read the server (`Server`: model, scheduler, processor, limits, metrics) from
   `request.app.state.server`; nothing is captured in a closure, so the router is built once.
@@ -39,8 +40,10 @@ from nanovl.serve.metrics import CONTENT_TYPE, Metrics
 from nanovl.serve.protocol import (
     APIError,
     ChatRequest,
+    ConvertRequest,
     ExtractRequest,
     Limits,
+    PagesRequest,
     decode_embeds,
     parse_body,
     parse_messages,
@@ -209,6 +212,21 @@ async def extract(request: Request, req: Annotated[ExtractRequest, Depends(extra
         src, media, params, prompt, constraint = await run_in_threadpool(prepare)
     except NanovlError as e:
         raise APIError(400, str(e)) from None
+    text, offsets, logprobs, finish, er = await complete_one(server, prompt, params, constraint)
+    calibration = find_calibration(getattr(model, "path", None))
+    try:
+        result = await run_in_threadpool(finish_extraction, text, offsets, logprobs, finish, src, req.pages,
+                                         DEFAULT_DPI, media, calibration)  # fmt: skip
+    except NanovlError as e:
+        raise APIError(400, str(e)) from None
+    usage = {"prompt_tokens": len(prompt.ids), "completion_tokens": len(er.output),
+             "total_tokens": len(prompt.ids) + len(er.output)}  # fmt: skip
+    return {"id": f"extract-{uuid.uuid4().hex[:24]}", "object": "extraction", "model": server.name, **result,
+            "usage": usage}  # fmt: skip
+
+
+async def complete_one(server: Server, prompt, params, constraint=None):
+    """One greedy answer through the scheduler -> (text, token spans, logprobs, finish reason, request)."""
     (er,), (q,) = submit(server, 1, prompt.ids, params, embeds=prompt.embeds, top_logprobs=0, constraint=constraint)
     text, offsets, logprobs = "", [], []
     try:
@@ -220,20 +238,84 @@ async def extract(request: Request, req: Annotated[ExtractRequest, Depends(extra
             logprobs.append(d.logprobs["logprob"] if d.logprobs else 0.0)
             text += d.text
             if d.finish_reason is not None:
-                break
+                return text, offsets, logprobs, d.finish_reason, er
     finally:
         if er.finish_reason is None:
             server.scheduler.cancel(er)
-    calibration = find_calibration(getattr(model, "path", None))
+
+
+def document_pages(server: Server, document: str, pages: str | None, dpi: float = DEFAULT_DPI):
+    """A request's document (a data: URL, or a path / URL where allowed) -> (source, its pages), within
+    the server's limits."""
+    src = resolve_source(document, server.allowed, server.allow_remote)
+    limits = server.limits
+    return src, scan_source(src, pages, dpi, limits.max_image_pixels, max_pages=limits.max_media, video=False)
+
+
+@router.post("/v1/convert")
+async def convert(request: Request):
+    """Pages as Markdown, page by page (documents/convert.py's prompt), with sanitised HTML."""
+    from nanovl.documents.convert import PROMPT, blocks, page_number, to_html
+
+    server = state(request)
+    req = ConvertRequest.model_validate(parse_body(await read_body(request, server.limits.max_body_bytes)))
+    if req.model is not None and req.model != server.name:
+        raise APIError(404, f"model {req.model!r} does not exist; this server has {server.name!r}",
+                       code="model_not_found")  # fmt: skip
+    if server.processor is None:
+        raise APIError(400, f"model {server.name!r} is text-only: it cannot read documents")
     try:
-        result = await run_in_threadpool(finish_extraction, text, offsets, logprobs, d.finish_reason, src, req.pages,
-                                         DEFAULT_DPI, media, calibration)  # fmt: skip
+        _, media = await run_in_threadpool(document_pages, server, req.document, req.pages)
     except NanovlError as e:
         raise APIError(400, str(e)) from None
-    usage = {"prompt_tokens": len(prompt.ids), "completion_tokens": len(er.output),
-             "total_tokens": len(prompt.ids) + len(er.output)}  # fmt: skip
-    return {"id": f"extract-{uuid.uuid4().hex[:24]}", "object": "extraction", "model": server.name, **result,
-            "usage": usage}  # fmt: skip
+    params = server.model.params(max_new_tokens=req.max_tokens, temperature=0.0, stop=None)
+    out = []
+    for k, page in enumerate(media):  # one page at a time: each rendered when its turn comes
+        try:
+            prompt = await run_in_threadpool(server.processor.prepare, [page], PROMPT, None, None, req.max_tokens)
+        except NanovlError as e:
+            raise APIError(400, str(e)) from None
+        text, _, _, finish, _ = await complete_one(server, prompt, params)
+        text = split_reasoning(text)[1].strip()
+        out.append({"page": page_number(page, k), "markdown": text, "html": to_html(text), "blocks": blocks(text),
+                    "finish_reason": finish})  # fmt: skip
+    return {"object": "conversion", "model": server.name, "pages": out}
+
+
+@router.post("/v1/pages")
+async def pages(request: Request):
+    """The pages of a document rendered as PNG data: URLs, with their size in page units (points for
+    PDFs, pixels for images) and the tile plan the model would use (as `nanovl tiles`)."""
+    import base64
+    import io
+
+    from nanovl.documents.convert import page_number
+    from nanovl.tiling import plan_tiles
+
+    server = state(request)
+    req = PagesRequest.model_validate(parse_body(await read_body(request, server.limits.max_body_bytes)))
+    if server.processor is None:
+        raise APIError(400, f"model {server.name!r} is text-only: it has no tiles")
+
+    def render():
+        _, units = document_pages(server, req.document, req.pages, 72.0)  # sizes in points (pixels: images)
+        _, asked = document_pages(server, req.document, req.pages, DEFAULT_DPI)  # what a request would tile
+        _, shown = document_pages(server, req.document, req.pages, req.dpi)
+        out = []
+        for k, (unit, model_page, page) in enumerate(zip(units, asked, shown)):
+            image = page.load()
+            buf = io.BytesIO()
+            image.save(buf, "PNG")
+            plan = plan_tiles(server.processor.tiles, *model_page.size, max_tiles=req.max_tiles)
+            out.append({"page": page_number(page, k), "width": image.width, "height": image.height,
+                        "units": list(unit.size), "tiles": plan.as_dict(),
+                        "image": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()})  # fmt: skip
+        return out
+
+    try:
+        return {"object": "pages", "pages": await run_in_threadpool(render)}
+    except NanovlError as e:
+        raise APIError(400, str(e)) from None
 
 
 def submit(server: Server, n: int, prompt_ids, params, **kw) -> tuple[list[EngineRequest], list[asyncio.Queue]]:

@@ -1,0 +1,102 @@
+"""The web page at / of `nanovl serve`, driven in headless Chromium (Debian's chromium, through
+Playwright): the API key asked once, a corpus PDF uploaded, its thumbnails and tile grid, a question
+with its answer streamed in, an extraction's values with their confidence (and, from a canned
+answer with evidence, the box drawn over the page: a random model's values are never on the page),
+a page converted to Markdown, and the message shown when the server answers an error. A screenshot of
+each step goes to the test's folder."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+playwright = pytest.importorskip("playwright.sync_api")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
+PDF = CORPUS / "docling" / "multi_page.pdf"
+pytestmark = [
+    pytest.mark.skipif(CHROMIUM is None, reason="no chromium here (apt-get install chromium)"),
+    pytest.mark.skipif(not PDF.is_file(), reason=f"the shared corpus is not at {CORPUS}"),
+]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_v1):
+    from test_server import LiveServer
+
+    import nanovl
+    from nanovl.serve.app import create_app
+
+    s = LiveServer(create_app(nanovl.load(tiny_v1, dtype="float32"), "tiny", api_key="secret"))
+    yield s
+    s.stop()
+
+
+def test_the_page_end_to_end(server, tmp_path):
+    import pypdfium2 as pdfium
+
+    pages = len(pdfium.PdfDocument(PDF))
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        # the test's own waits evaluate script strings, which the page's CSP forbids: bypassed here only
+        page = browser.new_context(viewport={"width": 1400, "height": 1000}, bypass_csp=True).new_page()
+        requests = []
+        page.on("request", lambda r: requests.append(r.url))
+        page.goto(server.url + "/")
+        # no key yet: the page asks for one; a wrong one is said to be wrong
+        page.wait_for_selector("#keyform:not([hidden])")
+        assert "none was given" in page.inner_text("#error")
+        page.fill("#key", "wrong")
+        page.click("#keyform button")
+        page.wait_for_function("document.getElementById('error').textContent.includes('wrong')")
+        page.screenshot(path=shots / "1-wrong-key.png")
+        page.fill("#key", "secret")
+        page.click("#keyform button")
+        page.wait_for_function("document.getElementById('model').textContent === 'tiny'")
+        assert page.is_hidden("#error") and page.is_hidden("#keyform")
+        # a corpus PDF: one thumbnail per page, the first page shown with its tile grid
+        page.set_input_files("#file", str(PDF))
+        page.wait_for_function(f"document.querySelectorAll('#thumbs img').length === {pages}")
+        assert "tiles" in page.inner_text("#tileinfo") and "page 1" in page.inner_text("#tileinfo")
+        page.click("#thumbs img:nth-child(2)")
+        page.wait_for_function("document.getElementById('tileinfo').textContent.startsWith('page 2')")
+        page.screenshot(path=shots / "2-thumbnails-and-grid.png")
+        # ask: the answer arrives in pieces (streamed)
+        page.fill("#question", "What is this page about?")
+        page.click("#askform button")
+        page.wait_for_function("document.getElementById('answer').textContent.length > 0")
+        page.screenshot(path=shots / "3-answer.png")
+        # extract for real: values and confidences; the random model's values are not on the page
+        page.fill("#fields", "title,date")
+        page.click("#extractform button")
+        page.wait_for_function("document.querySelectorAll('#fieldtable tr').length === 2")
+        assert page.locator(".conf").count() == 2
+        page.screenshot(path=shots / "4-extraction.png")
+        # the box: an extraction answer with evidence (canned, in the API's own shape) is drawn
+        canned = {"fields": {"title": {"value": "Docling", "confidence": 0.91,
+                                       "evidence": {"page": 2, "bbox": [72, 72, 300, 100], "text": "Docling",
+                                                    "source": "text-layer", "match": "exact"}}},
+                  "pages": [2], "confidence": "calibrated", "raw": "{}"}  # fmt: skip
+        page.route("**/v1/extract", lambda route: route.fulfill(json=canned))
+        page.click("#extractform button")
+        page.wait_for_function("document.getElementById('overlay').dataset.boxes === '1'")
+        page.screenshot(path=shots / "5-evidence-box.png")
+        page.unroute("**/v1/extract")
+        # convert: the page's Markdown rendered (the server's sanitised HTML)
+        page.click("#convertform button")
+        page.wait_for_function("document.getElementById('markdown').innerHTML.length > 0")
+        page.screenshot(path=shots / "6-markdown.png")
+        # a server error is shown, not swallowed: an image the server cannot read
+        page.set_input_files("#file", files=[{"name": "broken.pdf", "mimeType": "application/pdf",
+                                              "buffer": b"%PDF-1.4 broken"}])  # fmt: skip
+        page.wait_for_function("document.getElementById('error').textContent.includes('cannot open PDF')")
+        page.screenshot(path=shots / "7-error.png")
+        browser.close()
+    assert all(u.startswith(server.url) or u.startswith("data:") for u in requests), requests  # no CDN, no network
+    assert len(list(shots.iterdir())) == 7
+    import httpx
+
+    r = httpx.get(server.url + "/")
+    assert r.status_code == 200 and "default-src 'self'" in r.headers["content-security-policy"]
