@@ -384,3 +384,15 @@ def test_ocr_evidence_on_scanned_receipts(tmp_path):
     _, texts, _ = document_text(src, None, 144, [lambda: load_document(src)[0]])
     from_jpg = locate("25/12/2018", texts)
     assert from_pdf and from_jpg and all(abs(a - b) <= 4 for a, b in zip(from_pdf["bbox"], from_jpg["bbox"]))
+
+
+def test_fuzzy_matching_needs_the_whole_value():
+    """partial_ratio scores a page shorter than the value at 100 (the value's window holds the page):
+    evidence needs the plain ratio over the matched span."""
+    from nanovl.documents.evidence import PageText
+
+    page = PageText(1, "EUR", [(0, 0, 1, 1)] * 3, "text-layer")
+    assert locate(" EUR and a long value the page does not print", [page]) is None
+    page = PageText(1, "Billed to: Acme Logistcs GmbH, Berlin", [(0, 0, 1, 1)] * 37, "ocr")
+    found = locate("Acme Logistics GmbH", [page])
+    assert found is not None and found["match"] == "fuzzy" and found["text"] == "Acme Logistcs GmbH"

@@ -48,7 +48,7 @@ def data(result):
     return d["result"] if isinstance(d, dict) and set(d) == {"result"} else d
 
 
-async def exercise(client: Client, full: bool = True):
+async def exercise(client: Client):
     tools = {t.name for t in (await client.list_tools()).tools}
     assert tools == {"list_documents", "read_page", "ask_document", "extract", "search_documents"}
 
@@ -97,8 +97,6 @@ async def exercise(client: Client, full: bool = True):
     assert [d["path"] for d in json.loads(res.contents[0].text)] == ["invoice.pdf", "receipts/r0.jpg"]
     res = await client.read_resource("nanovl://page/invoice.pdf/1")
     assert res.contents[0].text == page_text
-    if not full:
-        return
     r = await client.call_tool("ask_document", {"path": "receipts/r0.jpg", "question": "What is the total?"})
     assert not r.is_error and data(r)["pages"] == [1]
     r = await client.call_tool("extract", {"path": "invoice.pdf", "fields": "total,date"})
@@ -149,7 +147,7 @@ def test_mcp_over_http(tiny_v1, root):
 
         async def main():
             async with Client(f"http://127.0.0.1:{port}/mcp", read_timeout_seconds=300) as client:
-                await exercise(client, full=False)
+                await exercise(client)
 
         anyio.run(main)
     finally:

@@ -1,9 +1,9 @@
 """The web page at / of `nanovl serve`, driven in headless Chromium (Debian's chromium, through
 Playwright): the API key asked once, a corpus PDF uploaded, its thumbnails and tile grid, a question
-with its answer streamed in, an extraction's values with their confidence (and, from a canned
-answer with evidence, the box drawn over the page: a random model's values are never on the page),
-a page converted to Markdown, and the message shown when the server answers an error. A screenshot of
-each step goes to the test's folder."""
+with its answer streamed in, an extraction's values with their confidence, a page converted to
+Markdown, an evidence box drawn (a random model's free text is never on the page, so the schema
+makes it choose between two printed strings), and the message shown when the server answers an
+error. A screenshot of each step goes to the test's folder."""
 
 import shutil
 from pathlib import Path
@@ -33,8 +33,19 @@ def server(tiny_v1):
 
 
 def test_the_page_end_to_end(server, tmp_path):
+    import json
+
     import pypdfium2 as pdfium
 
+    from nanovl.synth.kinds import make_doc
+    from nanovl.synth.pdf import write_pdf
+
+    # a random model's free text is never on the page, but a choice between two printed strings
+    # (an enum in the schema) is: a digital synthetic invoice, whose vendor and number are both drawn
+    doc = make_doc("invoice", 1_000_003, 0)
+    write_pdf(doc, tmp_path / "invoice.pdf")
+    choices = [doc.fields["vendor"], doc.fields["invoice_number"]]
+    schema = {"type": "object", "properties": {"issuer": {"enum": choices}}, "required": ["issuer"]}
     pages = len(pdfium.PdfDocument(PDF))
     shots = tmp_path / "screenshots"
     shots.mkdir()
@@ -74,21 +85,19 @@ def test_the_page_end_to_end(server, tmp_path):
         page.wait_for_function("document.querySelectorAll('#fieldtable tr').length === 2")
         assert page.locator(".conf").count() == 2
         page.screenshot(path=shots / "4-extraction.png")
-        # the box: an extraction answer with evidence (canned, in the API's own shape) is drawn
-        canned = {"fields": {"title": {"value": "Docling", "confidence": 0.91,
-                                       "evidence": {"page": 2, "bbox": [72, 72, 300, 100], "text": "Docling",
-                                                    "source": "text-layer", "match": "exact"}}},
-                  "pages": [2], "confidence": "calibrated", "raw": "{}"}  # fmt: skip
-        page.route("**/v1/extract", lambda route: route.fulfill(json=canned))
-        page.click("#extractform button")
-        page.wait_for_function("document.getElementById('overlay').dataset.boxes === '1'")
-        page.screenshot(path=shots / "5-evidence-box.png")
-        page.unroute("**/v1/extract")
         # convert: the page's Markdown rendered (the server's sanitised HTML)
         page.click("#convertform button")
         page.wait_for_function("document.getElementById('markdown').innerHTML.length > 0")
         page.screenshot(path=shots / "6-markdown.png")
-        # a server error is shown, not swallowed: an image the server cannot read
+        # a real evidence box: the model picks one of two strings printed on the page, found in its text layer
+        page.set_input_files("#file", str(tmp_path / "invoice.pdf"))
+        page.wait_for_function("document.querySelectorAll('#thumbs img').length === 1")
+        page.fill("#schema", json.dumps(schema))
+        page.click("#extractform button")
+        page.wait_for_function("document.getElementById('overlay').dataset.boxes === '1'")
+        assert "page 1:" in page.inner_text("#fieldtable")
+        page.screenshot(path=shots / "5-evidence-box.png")
+        # a server error is shown, not swallowed: a PDF the server cannot open
         page.set_input_files("#file", files=[{"name": "broken.pdf", "mimeType": "application/pdf",
                                               "buffer": b"%PDF-1.4 broken"}])  # fmt: skip
         page.wait_for_function("document.getElementById('error').textContent.includes('cannot open PDF')")

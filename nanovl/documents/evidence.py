@@ -237,21 +237,22 @@ def _evidence(page: PageText, where: list[int], i: int, j: int, how: str, score=
 
 
 def _fuzzy(needle: str, hay: str):
-    """(score, start, end) of the best fuzzy match of `needle` in `hay`, its edges moved by up to 3
-    characters where that scores higher (the alignment's window is as long as the needle, so it
-    cuts a match the page prints with extra spaces); None under FUZZY_MIN_SCORE."""
+    """(score, start, end) of the best fuzzy match of `needle` in `hay`: rapidfuzz's alignment finds the
+    place, then its edges move by up to 3 characters to the span whose plain ratio (which counts a
+    length difference, unlike partial_ratio: a page shorter than the value is not a match) is highest;
+    None under FUZZY_MIN_SCORE."""
     from rapidfuzz import fuzz
 
     m = fuzz.partial_ratio_alignment(needle, hay, score_cutoff=FUZZY_MIN_SCORE)
     if m is None or m.dest_end <= m.dest_start:
         return None
-    best = (m.score, m.dest_start, m.dest_end)
+    best = (0.0, m.dest_start, m.dest_end)
     for a in range(max(m.dest_start - 3, 0), m.dest_start + 4):
         for b in range(max(m.dest_end - 3, a + 1), min(m.dest_end + 4, len(hay) + 1)):
             score = fuzz.ratio(needle, hay[a:b])
             if score > best[0]:
                 best = (score, a, b)
-    return best
+    return best if best[0] >= FUZZY_MIN_SCORE else None
 
 
 def _digits(text: str) -> str:
