@@ -22,14 +22,36 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def server(tiny_v1):
-    from test_server import LiveServer
+    """`nanovl serve` with the tiny checkpoint and an API key, as a user starts it."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    from types import SimpleNamespace
 
-    import nanovl
-    from nanovl.serve.app import create_app
+    import httpx
 
-    s = LiveServer(create_app(nanovl.load(tiny_v1, dtype="float32"), "tiny", api_key="secret"))
-    yield s
-    s.stop()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "nanovl.cli", "serve", "--model", str(tiny_v1), "--port", str(port),
+           "--api-key", "secret", "--served-model-name", "tiny"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.3)
+    yield SimpleNamespace(url=url)
+    proc.terminate()
+    proc.wait(30)
 
 
 def test_the_page_end_to_end(server, tmp_path):
