@@ -80,6 +80,15 @@ class VisionLanguageModel(TextModel):
         vlm, ckpt = load_vlm(model_dir, dtype, pack=True, **options)
         return cls(vlm, Tokenizer(model_dir, ckpt.text.eos_token_ids), Path(model_dir))
 
+    def use_onnx_vision(self, folder: str | Path | None = None, int8: bool = False):
+        """Run the vision path through onnxruntime: the graph `nanovl export onnx` wrote to FOLDER
+        (default: the checkpoint's onnx/), checked against this checkpoint."""
+        from nanovl.onnx_export import OnnxVision
+
+        folder = Path(folder) if folder else self.path / "onnx"
+        self.processor.encoder = OnnxVision(folder, self.path, self.processor.tiles, self.config.hidden_size, int8)
+        return self
+
     def load_images(
         self, inputs, pages=None, dpi=DEFAULT_DPI, max_pixels=MAX_PIXELS, frames=None, fps=None
     ) -> list:

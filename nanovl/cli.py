@@ -91,6 +91,12 @@ def opens_thinking(tokenizer, ids: list[int]) -> bool:
     return tokenizer.decode(ids[-4:]).rstrip().endswith("<think>")
 
 
+def add_vision_backend_args(p: argparse.ArgumentParser):
+    p.add_argument("--vision-backend", default="torch", choices=["torch", "onnx"],
+                   help="the vision path in PyTorch (default) or onnxruntime (`nanovl export onnx` first)")  # fmt: skip
+    p.add_argument("--onnx", metavar="DIR", help="the exported graph's folder (default: MODEL/onnx)")
+
+
 def add_reasoning_args(p: argparse.ArgumentParser):
     g = p.add_mutually_exclusive_group()
     g.add_argument("--think", action="store_true", help="reasoning mode on (system prompt /think)")
@@ -200,6 +206,8 @@ def cmd_ask(args):
     model = nanovl.load(args.model, args.dtype)
     if not isinstance(model, VisionLanguageModel):
         raise NanovlError(f"{args.model} is a text-only model; `ask` needs a vision-language checkpoint")
+    if args.vision_backend == "onnx":
+        model.use_onnx_vision(args.onnx)
     images = model.scan_media(files, args.pages, args.dpi, frames=args.frames, fps=args.fps)  # rendered when encoded
     params = model.params(**sampling_kwargs(args))
     prompt = model.prepare(images, question, args.max_tiles, system_prompt(args), params.max_new_tokens)
@@ -429,11 +437,23 @@ def cmd_serve(args):
         max_concurrency=args.max_concurrency, max_queue=args.max_queue, max_len=args.max_len,
         allowed_local_media_path=args.allowed_local_media_path, allow_remote_media=args.allow_remote_media,
         request_timeout=args.request_timeout, embed_store=args.embed_store, kv_cache_gb=args.kv_cache_gb,
-        name=args.served_model_name, limits=Limits(
+        name=args.served_model_name, vision_backend=args.vision_backend, onnx=args.onnx, limits=Limits(
             max_body_bytes=int(args.max_body_mb * (1 << 20)), max_media=args.max_images, max_videos=args.max_videos,
             max_image_pixels=int(args.max_image_mp * 1e6), max_request_pixels=int(args.max_request_mp * 1e6),
             max_tiles=args.max_tiles_limit),
     )  # fmt: skip
+
+
+def cmd_export(args):
+    from nanovl.onnx_export import export
+
+    meta = export(resolve_model(args.model), args.out, args.int8)
+    print(f"wrote {args.out}/vision.onnx ({meta['architecture']}, {meta['tiles']['tile_size']}px tiles, "
+          f"{meta['tiles']['tokens_per_tile']} tokens x {meta['hidden']} per tile) and vision.json")  # fmt: skip
+    if "int8" in meta:
+        e = meta["int8"]
+        print(f"wrote {args.out}/vision.int8.onnx: embedding error against float32 on random tiles: max "
+              f"{e['max_abs']:.3g}, mean {e['mean_abs']:.3g}, relative RMS {e['relative_rms']:.3g}")  # fmt: skip
 
 
 def cmd_quantize(args):
@@ -538,6 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="system prompt")
     add_reasoning_args(p)
     add_sampling_args(p)
+    add_vision_backend_args(p)
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser(
@@ -614,6 +635,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float32")
     p.set_defaults(func=cmd_mcp)
 
+    p = sub.add_parser("export", help="export the vision path (encoder, pixel shuffle, projector) as ONNX")
+    p.add_argument("format", choices=["onnx"])
+    p.add_argument("--model", required=True, help="vision-language " + MODEL_HELP)
+    p.add_argument("--out", required=True, help="output folder (vision.onnx, vision.json)")
+    p.add_argument("--int8", action="store_true", help="also a dynamic int8 graph, with its embedding error")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("tiles", help="show how a document is cut into tiles for a model")
     p.add_argument("file", help="an image or a PDF")
     p.add_argument("--model", required=True, help="vision-language " + MODEL_HELP + " (only its configs are read)")
@@ -646,6 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-request-mp", type=float, default=256, help="megapixels of all of them (default 256)")
     g.add_argument("--max-tiles-limit", type=int, default=48, help="the largest max_tiles a request may ask (48)")
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float32")
+    add_vision_backend_args(p)
     p.set_defaults(func=cmd_serve)
 
     from nanovl.eval.cli import add_eval_commands

@@ -119,6 +119,7 @@ class Processor:
         self.tiles: TileSpec = vlm.config.tiles
         self.hidden = vlm.config.text.hidden_size
         self._model_id: str | None = None
+        self.encoder = None  # another runtime for the vision path (onnx_export.OnnxVision); None: the module's
         self.context_id = tokenizer.token_to_id(vlm.context_token)
         if self.context_id is None:
             raise CheckpointError(f"the tokenizer has no {vlm.context_token} token, which the image embeddings replace")
@@ -245,4 +246,5 @@ class Processor:
     @torch.inference_mode()
     def encode_tiles(self, pixels: torch.Tensor) -> torch.Tensor:
         """(tiles, 3, S, S) -> post-projector embeddings (tiles, tokens, hidden), a chunk at a time."""
-        return torch.cat([self.vlm.encode_images(chunk) for chunk in pixels.split(ENCODE_CHUNK)])
+        encode = self.encoder or self.vlm.encode_images
+        return torch.cat([encode(chunk) for chunk in pixels.split(ENCODE_CHUNK)])

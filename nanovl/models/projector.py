@@ -8,6 +8,8 @@ output grid transposed (column-major). This is the InternVL reshape/permute sequ
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -16,19 +18,19 @@ from nanovl.models.layers import RMSNorm
 
 def pixel_shuffle(x: torch.Tensor, ratio: float = 0.5, version: str = "v2") -> torch.Tensor:
     """x: (N, h*w, C) patch features of a square grid -> (N, h*w*ratio^2, C/ratio^2)."""
-    n, length, c = x.shape
-    side = int(round(length**0.5))
+    length, c = int(x.shape[1]), int(x.shape[2])  # static for a tile size; N stays free (-1: ONNX export)
+    side = math.isqrt(length)
     if side * side != length:
         raise ValueError(f"pixel shuffle needs a square patch grid, got {length} tokens")
     s = int(round(1 / ratio))
-    x = x.view(n, side, side // s, c * s)  # (N, rows, cols/s, s*C): pairs of neighbouring columns
+    x = x.view(-1, side, side // s, c * s)  # (N, rows, cols/s, s*C): pairs of neighbouring columns
     x = x.permute(0, 2, 1, 3).contiguous()  # (N, cols/s, rows, s*C)
-    x = x.view(n, side // s, side // s, c * s * s)  # (N, cols/s, rows/s, s*s*C): pairs of rows too
+    x = x.view(-1, side // s, side // s, c * s * s)  # (N, cols/s, rows/s, s*s*C): pairs of rows too
     if version == "v2":
         x = x.permute(0, 2, 1, 3).contiguous()  # back to row-major (N, rows/s, cols/s, 4C)
     elif version != "v1":
         raise ValueError(f"unknown pixel shuffle version {version!r} (v1 or v2)")
-    return x.reshape(n, -1, x.shape[-1])
+    return x.reshape(-1, (side // s) ** 2, c * s * s)
 
 
 def mlp1_nano_vl(dim_in: int, hidden: int, dim_out: int) -> nn.Sequential:

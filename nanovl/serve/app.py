@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException
 from nanovl.api import VisionLanguageModel
 from nanovl.engine.embed_store import EmbedStore
 from nanovl.engine.scheduler import Scheduler
+from nanovl.errors import NanovlError
 from nanovl.processor import Processor
 from nanovl.serve.metrics import Metrics
 from nanovl.serve.protocol import APIError, Limits, invalid, too_large
@@ -53,6 +54,7 @@ def create_app(model, name: str, api_key: str | None = None, max_concurrency: in
     if isinstance(model, VisionLanguageModel):  # the server's own processor, with the embedding store
         store = EmbedStore(embed_store_bytes, embed_store)
         processor = Processor(model.vlm, model.tokenizer, model.path, store)
+        processor.encoder = model.processor.encoder  # --vision-backend onnx
     server = Server(model, name, sched, processor, limits, Metrics(sched, store),
                     allowed=Path(allowed_local_media_path) if allowed_local_media_path else None,
                     allow_remote=allow_remote_media, request_timeout=request_timeout, stall_timeout=stall_timeout,
@@ -146,12 +148,16 @@ async def unexpected(request: Request, e: Exception):
 
 
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, dtype: str | None = None,
-          name: str | None = None, **options):  # fmt: skip
+          name: str | None = None, vision_backend: str = "torch", onnx: str | None = None, **options):  # fmt: skip
     import uvicorn
 
     import nanovl
 
     model = nanovl.load(model_dir, dtype)
+    if vision_backend == "onnx":
+        if not isinstance(model, VisionLanguageModel):
+            raise NanovlError(f"{model_dir} is text-only: --vision-backend onnx needs a vision-language checkpoint")
+        model.use_onnx_vision(onnx)
     name = name or Path(model_dir).resolve().name
     app = create_app(model, name, **options)
     sched = app.state.scheduler
