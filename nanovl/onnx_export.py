@@ -46,19 +46,20 @@ def export(model_dir: str | Path, out: str | Path, int8: bool = False) -> dict:
     """Write OUT/vision.onnx (and vision.int8.onnx) and OUT/vision.json; returns the metadata."""
     import warnings
 
-    import nanovl
+    from nanovl.checkpoint import load_config, load_vlm
     from nanovl.engine.embed_store import model_fingerprint
+    from nanovl.models import is_vlm
 
     try:
         import onnx  # noqa: F401 - torch's exporter needs it
     except ImportError:
         raise NanovlError("exporting ONNX needs the onnx package: pip install onnx onnxruntime") from None
-    model = nanovl.load(model_dir, dtype="float32")
-    if not hasattr(model, "vlm"):
+    if not is_vlm(load_config(model_dir).architecture):
         raise CheckpointError(f"{model_dir} is a text-only checkpoint: it has no vision path to export")
+    vlm, _ = load_vlm(model_dir, "float32")
+    vlm, spec = vlm.eval(), vlm.config.tiles
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    vlm, spec = model.vlm.eval(), model.processor.tiles
     example = torch.randn(2, 3, spec.tile_size, spec.tile_size)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the tracer's notes on shapes it records as constants (the tile size)
