@@ -2,9 +2,13 @@
 memory-bandwidth limit (weight bytes read per token / measured copy bandwidth).
 
     python benchmarks/decode.py [--workdir /tmp/nanovl-bench] [--new-tokens 64] [--batches 1 8]
+                                [--prefill-tokens 3400]
 
 Prints one row per (engine, batch) and the ratios. Decode rate excludes the prefill: it is
-(new tokens - 1) / (time of the whole generation - time to the first token).
+(new tokens - 1) / (time of the whole generation - time to the first token). Then prefill: one
+prompt of --prefill-tokens tokens (3,400 is about a 13-tile page of the 8B plus its question), its
+FLOPs counted by torch's FlopCounterMode, as GFLOP/s against the bf16 matmul peak measured in the same
+run (benchmarks/vision.py's). The CPU flags come first.
 """
 
 from __future__ import annotations
@@ -100,6 +104,7 @@ def main():
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--no-pack", action="store_true", help="plain F.linear instead of oneDNN-prepacked weights")
+    ap.add_argument("--prefill-tokens", type=int, default=3400, help="prompt length of the prefill row (0: none)")
     args = ap.parse_args()
     torch.manual_seed(0)
     path = ensure_checkpoint(Path(args.workdir))
@@ -110,7 +115,9 @@ def main():
     wbytes = weight_bytes_per_step(path)
     bw = copy_bandwidth()
     limit = bw / wbytes
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    from vision import cpu_flags, forward_flops, matmul_peak  # benchmarks/vision.py, beside this script
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; CPU flags: {' '.join(cpu_flags()) or 'none'}")
     print(f"weights: {wbytes / 2e9:.3f} B params, {wbytes / 1e9:.2f} GB bf16; packed linears: {not args.no_pack}")
     print(f"copy bandwidth: {bw / 1e9:.1f} GB/s -> bandwidth limit at batch 1: {limit:.2f} tokens/s\n")
 
@@ -134,6 +141,33 @@ def main():
             p_ref, r_ref = time_transformers(ref, prompts, args.new_tokens)
             row(b, "transformers", p_ref, r_ref, "1.00", limit)
         row(b, "nanovl", p_ours, r_ours, f"{r_ours / r_ref:.2f}" if r_ref else "-", limit)
+    if args.prefill_tokens:
+        prefill(ours, ref, args.prefill_tokens, matmul_peak(torch.bfloat16), forward_flops)
+
+
+def prefill(ours, ref, n: int, peak: float, forward_flops):
+    """One n-token prompt to its first token, nanovl (and transformers), as a fraction of the bf16 peak."""
+    from nanovl.engine import SamplingParams, TokenGenerator
+
+    ids = torch.randint(0, VOCAB, (1, n), generator=torch.Generator().manual_seed(n)).tolist()
+    flops = forward_flops(lambda: ref(torch.tensor(ids))) if ref is not None else 0  # counted on transformers
+    print(f"\nprefill of {n} tokens, batch 1; bf16 matmul peak here {peak:.0f} GFLOP/s; "
+          f"{flops / 1e9:.0f} GFLOP (transformers' forward, counted)")  # fmt: skip
+    print(f"{'engine':>12} {'seconds':>8} {'GFLOP/s':>8} {'of peak':>8} {'x transformers':>15}")
+    times = {}
+    if ref is not None:
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            ref.generate(torch.tensor(ids), max_new_tokens=1, do_sample=False, pad_token_id=0)
+            times["transformers"] = time.perf_counter() - t0
+    gen = iter(TokenGenerator(ours, ids, SamplingParams(max_new_tokens=1), context_len=n + 8))
+    t0 = time.perf_counter()
+    next(gen)
+    times["nanovl"] = time.perf_counter() - t0
+    for name, t in times.items():
+        rate = flops / t / 1e9 if flops else float("nan")
+        ratio = times.get("transformers", t) / t
+        print(f"{name:>12} {t:>8.2f} {rate:>8.0f} {rate / peak:>8.0%} {ratio:>15.2f}")
 
 
 def row(b, name, prefill, steps, ratio, limit):
