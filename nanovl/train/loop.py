@@ -302,7 +302,8 @@ class Run:
                 loss, fields = stage.report(totals, dt)
                 row = {"step": step, "loss": loss, "lr": lr_at(step - 1, cfg), "grad_norm": float(norm), **fields,
                        "elapsed_s": time.perf_counter() - t_start}  # fmt: skip
-                save = step % cfg.save_every == 0 or step == cfg.steps or stop.requested
+                stopping = stop.requested  # read once: a signal arriving later is taken at the next step's end
+                save = step % cfg.save_every == 0 or step == cfg.steps or stopping
                 if save:
                     row.update(stage.at_save())
                 if rank == 0:
@@ -315,7 +316,7 @@ class Run:
                         self.ckpts.save(step, model, opt, info)
                     if self.world > 1:
                         dist.barrier()
-                if stop.requested:
+                if stopping:
                     break
         finally:
             bar.close()
