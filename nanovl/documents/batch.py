@@ -314,18 +314,10 @@ def run_ray(jobs: list[Job], task: Task, out: Path, address: str | None, model: 
     rows, by_index = [], {}
     counts = {"done": 0, "failed": 0}
     with open(out, "a", encoding="utf-8") as f:
-        writer = _Writer(f, task, counts, progress)
+        records = _Records(f, task, counts, progress)
         for i, job in enumerate(jobs):
-            try:
-                if job.sha256 is None:
-                    raise NanovlError(f"{job.paths[0]}: cannot read the file")
-                job.pages, job.units = task.units(str(job.paths[0]))
-            except Exception as e:  # noqa: BLE001 - a document that cannot be opened is its record
-                job.error, job.units = describe(e), 0
-            if job.units == 0:
-                writer(job)
             by_index[i] = job
-            rows += [{"job": i, "path": str(job.paths[0]), "k": k} for k in range(job.units)]
+            rows += [{"job": i, "path": str(job.paths[0]), "k": k} for k in range(records.open(job))]
         if not rows:
             return counts
         threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // workers)
@@ -333,26 +325,44 @@ def run_ray(jobs: list[Job], task: Task, out: Path, address: str | None, model: 
         ds = ds.map_batches(RayWorker, batch_size=1, concurrency=workers, num_cpus=threads,
                             fn_constructor_args=(type(task), task.options(), model, dtype, threads))  # fmt: skip
         for row in ds.iter_rows():
-            job = by_index[int(row["job"])]
-            if row["error"]:
-                job.error = job.error or row["error"]
-            elif job.error is None:
-                job.results[int(row["k"])] = json.loads(row["result"])
-            job.finished += 1
-            if progress is not None and task.name == "convert":
-                progress(1)
-            if job.finished == job.units:
-                writer(job)
+            result = json.loads(row["result"]) if not row["error"] else None
+            records.unit_done(by_index[int(row["job"])], int(row["k"]), result, row["error"] or None)
     return counts
 
 
-class _Writer:
-    """Appends a finished job's record: one write, flushed and fsynced (a crash loses no record)."""
+class _Records:
+    """The bookkeeping both runners share: a job opened (its units counted, or its error recorded), a
+    unit finished, and a finished job's record appended: one write, flushed and fsynced (a crash
+    loses no record)."""
 
     def __init__(self, f, task: Task, counts: dict, progress):
         self.f, self.task, self.counts, self.progress = f, task, counts, progress
 
-    def __call__(self, job: Job):
+    def open(self, job: Job) -> int:
+        """The job's work units (0 when it cannot be opened: its error record is written now)."""
+        try:
+            if job.sha256 is None:
+                raise NanovlError(f"{job.paths[0]}: cannot read the file")
+            job.pages, job.units = self.task.units(str(job.paths[0]))
+        except Exception as e:  # noqa: BLE001 - a document that cannot be opened is its record
+            job.error, job.units = describe(e), 0
+        if job.units == 0:
+            self.write(job)
+        return job.units
+
+    def unit_done(self, job: Job, k: int, result=None, error: str | None = None):
+        """Unit k of the job ended (with a result, an error, or skipped after an earlier error)."""
+        if error:
+            job.error = job.error or error
+        elif job.error is None and result is not None:
+            job.results[k] = result
+        job.finished += 1
+        if self.progress is not None and self.task.name == "convert":
+            self.progress(1)
+        if job.finished == job.units:
+            self.write(job)
+
+    def write(self, job: Job):
         record = {"document": str(job.paths[0]), "sha256": job.sha256, "task": self.task.name, "pages": job.pages}
         if len(job.paths) > 1:
             record["same_content"] = [str(p) for p in job.paths[1:]]
@@ -406,19 +416,11 @@ def run_batch(jobs: list[Job], task: Task, out: Path, concurrency: int = 1,
     else:
         pool, width, work = ThreadPoolExecutor(max(concurrency, 1)), max(concurrency, 1), task.run
     with open(out, "a", encoding="utf-8") as f, pool:
-        write = _Writer(f, task, counts, progress)
+        records = _Records(f, task, counts, progress)
 
         def units() -> Iterator[tuple[Job, int]]:
             for job in jobs:
-                try:
-                    if job.sha256 is None:
-                        raise NanovlError(f"{job.paths[0]}: cannot read the file")
-                    job.pages, job.units = task.units(str(job.paths[0]))
-                except Exception as e:  # noqa: BLE001 - a document that cannot be opened is its record
-                    job.error, job.units = describe(e), 0
-                if job.units == 0:
-                    write(job)
-                for k in range(job.units):
+                for k in range(records.open(job)):
                     yield job, k
 
         pending: dict = {}
@@ -427,9 +429,7 @@ def run_batch(jobs: list[Job], task: Task, out: Path, concurrency: int = 1,
             while len(pending) < width and (nxt := next(source, None)) is not None:
                 job, k = nxt
                 if job.error is not None:  # an earlier page of this document failed: skip the rest
-                    job.finished += 1
-                    if job.finished == job.units:
-                        write(job)
+                    records.unit_done(job, k)
                     continue
                 pending[pool.submit(work, str(job.paths[0]), k)] = nxt
             if not pending:
@@ -437,15 +437,10 @@ def run_batch(jobs: list[Job], task: Task, out: Path, concurrency: int = 1,
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
             for fut in finished:
                 job, k = pending.pop(fut)
+                result, error = None, None
                 try:
                     result = fut.result()
-                    if job.error is None:
-                        job.results[k] = result
                 except Exception as e:  # noqa: BLE001 - one document's failure never stops the batch
-                    job.error = job.error or describe(e)
-                job.finished += 1
-                if progress is not None and task.name == "convert":
-                    progress(1)
-                if job.finished == job.units:
-                    write(job)
+                    error = describe(e)
+                records.unit_done(job, k, result, error)
     return counts
