@@ -5,7 +5,9 @@ the checkpoint's own quantization config -> weights loaded strictly from its saf
   vision-language checkpoint, `load_radio` a RADIO encoder alone.
 - The dtype is the checkpoint's unless asked otherwise; float16 becomes bfloat16 (slow on CPUs).
 - `pack=True` is for inference on CPU: bf16 Linear layers prepacked for oneDNN, AWQ layers onto
-  PyTorch's int4 kernel (`fast_cpu_modules`); the model is then for inference only.
+  PyTorch's int4 kernel (`fast_cpu_modules`); the model is then for inference only. With the dtype
+  left to auto, a bf16 checkpoint on a CPU whose fp32 matmuls are faster (measured once: cpu.py) gets
+  its encoder and projector in fp32 and its LLM's prefill chunks computed in fp32.
 - `load_config` reads config.json; the registry (nanovl/models/__init__.py) says what it builds.
 - `tile_spec`, `preprocessor_config` and `generation_defaults` read the other files of the folder.
 """
@@ -17,6 +19,7 @@ from pathlib import Path
 import torch
 
 from nanovl.config import CheckpointConfig, read_json
+from nanovl.cpu import compute_dtype, upcast_linears
 from nanovl.errors import CheckpointError, RequestError
 from nanovl.models import architecture, text_architecture, text_config_class, text_model_class
 from nanovl.quant.prepack import pack_linears, packing_supported, trim_heap
@@ -85,7 +88,7 @@ def load_text_model(model_dir: str | Path, dtype: str | None = None, pack: bool 
     load_weights(model, model_dir, ckpt.text_prefix, torch_dtype, optional, index=index)
     model.eval().requires_grad_(False)
     if pack:
-        fast_cpu_modules(model, torch_dtype)
+        fast_cpu_modules(model, torch_dtype, auto=dtype in (None, "auto"))
     return model, ckpt
 
 
@@ -109,21 +112,41 @@ def load_vlm(model_dir: str | Path, dtype: str | None = None, pack: bool = False
     load_weights(vlm, model_dir, "", torch_dtype, vlm.optional_weights(), cls.unused_weights, index)
     vlm.eval().requires_grad_(False)
     if pack:
-        fast_cpu_modules(vlm.language_model, torch_dtype)
+        auto = dtype in (None, "auto")
+        if auto and upcast_wanted(torch_dtype, vlm.language_model.device):
+            vision_to_float32(vlm)
+        fast_cpu_modules(vlm.language_model, torch_dtype, auto)
     return vlm, ckpt
 
 
-def fast_cpu_modules(model, dtype: torch.dtype) -> None:
-    """Inference-only swaps for CPU speed: AWQ int4 layers onto PyTorch's int4 kernel, bf16 Linear
-    layers prepacked for oneDNN (quant/prepack.py)."""
+def fast_cpu_modules(model, dtype: torch.dtype, auto: bool = False) -> None:
+    """Inference-only swaps for CPU speed: AWQ int4 layers onto PyTorch's int4 kernel; bf16 Linear
+    layers prepacked for oneDNN (quant/prepack.py), or, with the dtype left to `auto` on a host whose
+    fp32 matmuls are faster, computing prefill chunks in fp32 (cpu.py)."""
     from nanovl.quant.prepack import repack_int4
 
     if model.device.type != "cpu":
         return
     repack_int4(model, dtype)
-    if packing_supported(dtype, model.device):
+    if auto and upcast_wanted(dtype, model.device):
+        upcast_linears(model)
+    elif packing_supported(dtype, model.device):
         pack_linears(model)
     trim_heap()
+
+
+def upcast_wanted(dtype: torch.dtype, device: torch.device) -> bool:
+    """A bf16 model on a CPU that computes faster in fp32 (measured once per host: cpu.py)."""
+    return device.type == "cpu" and dtype == torch.bfloat16 and compute_dtype() == torch.float32
+
+
+def vision_to_float32(vlm) -> None:
+    """The encoder and projector in fp32 (their outputs are cast to the LLM's dtype where merged), unless
+    a quantized layer makes the vision side more than plain bf16 floats."""
+    parts = (vlm.vision_model, vlm.mlp1)
+    if all(p.dtype == torch.bfloat16 for part in parts for p in part.parameters()):
+        for part in parts:
+            part.float()
 
 
 def load_radio(model_dir: str | Path, prefix: str = "radio_model.", dtype: str = "float32", **overrides):

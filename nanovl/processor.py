@@ -219,7 +219,8 @@ class Processor:
         pending: list[tuple[int, str | None, torch.Tensor]] = []  # (place in out, store key, tiles)
 
         def flush():  # encode the pending tiles together (at least ENCODE_CHUNK of them, or the rest)
-            feats = self.encode_tiles(torch.cat([t for _, _, t in pending])).split([len(t) for _, _, t in pending])
+            feats = self.encode_tiles(torch.cat([t for _, _, t in pending])).to(self.vlm.language_model.dtype)
+            feats = feats.split([len(t) for _, _, t in pending])
             for (i, key, _), f in zip(pending, feats):
                 if key is not None:
                     self.store.put(key, f)
@@ -241,7 +242,7 @@ class Processor:
                 del im
         if pending:
             flush()
-        return torch.cat([o.to(self.vlm.language_model.dtype) for o in out])
+        return torch.cat([o.to(self.vlm.language_model.dtype) for o in out])  # stored or given embeddings too
 
     @torch.inference_mode()
     def encode_tiles(self, pixels: torch.Tensor) -> torch.Tensor:
