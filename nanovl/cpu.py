@@ -10,7 +10,7 @@ faster. The verdict is stored per host (CPU model, flags, torch version, threads
 `$NANOVL_CACHE` (default `~/.cache/nanovl`)/cpu.json, so every later load on the host makes the same
 choice at no cost. `NANOVL_CPU_DTYPE=bfloat16|float32` overrides it.
 
-Where it is used, only when the user left `--dtype auto` and the checkpoint is bf16 (api.py):
+Where it is used, only when the user left `--dtype auto` and the checkpoint is bf16 (checkpoint.py, at load):
 - the vision encoder and projector run in the faster dtype (their weights converted at load: 0.65 B
   parameters for C-RADIOv2-H, 2.6 GB in fp32);
 - the LLM keeps its bf16 weights (an 8B in fp32 would not fit most hosts), and where fp32 is faster
@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from nanovl.quant.prepack import bf16_linears
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
@@ -113,12 +115,7 @@ class UpcastLinear(nn.Module):
 
 def upcast_linears(model: nn.Module) -> int:
     """Swap every bf16 nn.Linear of `model` for an UpcastLinear, in place; returns how many."""
-    targets = [
-        (parent, name, child)
-        for parent in model.modules()
-        for name, child in parent.named_children()
-        if type(child) is nn.Linear and child.weight.dtype == torch.bfloat16
-    ]
+    targets = bf16_linears(model)
     for parent, name, child in targets:
         setattr(parent, name, UpcastLinear(child))
     return len(targets)

@@ -1,5 +1,5 @@
 """The measured CPU compute dtype (nanovl/cpu.py): the verdict is kept per host, the override works, and
-the fp32 paths it picks give the bf16 model's results within bf16's own error."""
+UpcastLinear computes many rows in fp32 from the bf16 weights and leaves few rows on the bf16 path."""
 
 import json
 

@@ -85,6 +85,16 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+def bf16_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, name, layer) for every plain bf16 nn.Linear of `model`: what the CPU swaps replace."""
+    return [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if type(child) is nn.Linear and child.weight.dtype == torch.bfloat16
+    ]
+
+
 def pack_linears(model: nn.Module) -> nn.Module:
     """Swap every bf16 nn.Linear of `model` for a PackedLinear, in place.
 
@@ -93,12 +103,7 @@ def pack_linears(model: nn.Module) -> nn.Module:
     """
     from tqdm import tqdm
 
-    targets = [
-        (parent, name, child)
-        for parent in model.modules()
-        for name, child in parent.named_children()
-        if type(child) is nn.Linear and child.weight.dtype == torch.bfloat16
-    ]
+    targets = bf16_linears(model)
     for parent, name, child in tqdm(targets, desc="packing bf16 weights", unit="layer", disable=None, leave=False):
         setattr(parent, name, PackedLinear(child))
     for module in model.modules():
