@@ -22,7 +22,7 @@ from nanovl.config import CheckpointConfig, read_json
 from nanovl.cpu import compute_dtype, upcast_linears
 from nanovl.errors import CheckpointError, RequestError
 from nanovl.models import architecture, text_architecture, text_config_class, text_model_class
-from nanovl.quant.prepack import pack_linears, packing_supported, trim_heap
+from nanovl.quant.prepack import keep_freed_memory, pack_linears, packing_supported, trim_heap
 from nanovl.weights import checkpoint_index, load_weights, tensor_shapes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -115,6 +115,9 @@ def load_vlm(model_dir: str | Path, dtype: str | None = None, pack: bool = False
         auto = dtype in (None, "auto")
         if auto and upcast_wanted(torch_dtype, vlm.language_model.device):
             vision_to_float32(vlm)
+        else:
+            for part in (vlm.vision_model, vlm.mlp1):
+                pack_vision(part)
         fast_cpu_modules(vlm.language_model, torch_dtype, auto)
     return vlm, ckpt
 
@@ -133,6 +136,15 @@ def fast_cpu_modules(model, dtype: torch.dtype, auto: bool = False) -> None:
     elif packing_supported(dtype, model.device):
         pack_linears(model)
     trim_heap()
+    keep_freed_memory()  # after the load's temporaries are handed back: the forwards reuse their memory
+
+
+def pack_vision(model) -> None:
+    """An encoder or projector with bf16 Linear layers on a CPU with oneDNN bf16 kernels: prepacked,
+    its biases and its MLPs' GELU computed inside the matmul (quant/prepack.py)."""
+    params = list(model.parameters())
+    if params and packing_supported(params[0].dtype, params[0].device):
+        pack_linears(model)
 
 
 def upcast_wanted(dtype: torch.dtype, device: torch.device) -> bool:
@@ -149,9 +161,12 @@ def vision_to_float32(vlm) -> None:
             part.float()
 
 
-def load_radio(model_dir: str | Path, prefix: str = "radio_model.", dtype: str = "float32", **overrides):
+def load_radio(
+    model_dir: str | Path, prefix: str = "radio_model.", dtype: str = "float32", pack: bool = False, **overrides
+):
     """A RADIO encoder alone (a C-RADIO checkpoint folder, or transformers' RadioModel saved with
-    save_pretrained, whose tensors carry the release names). overrides: RadioConfig fields."""
+    save_pretrained, whose tensors carry the release names). pack: for CPU inference, as load_vlm's
+    encoder (pack_vision). overrides: RadioConfig fields."""
     from nanovl.models.radio import RadioConfig, RadioModel
 
     index = checkpoint_index(model_dir)
@@ -163,7 +178,12 @@ def load_radio(model_dir: str | Path, prefix: str = "radio_model.", dtype: str =
     ic = "input_conditioner."
     optional = {ic + "norm_mean": None, ic + "norm_std": None}
     load_weights(model, model_dir, prefix, DTYPES[dtype], optional, RadioModel.UNUSED, index)
-    return model.eval().requires_grad_(False)
+    model.eval().requires_grad_(False)
+    if pack:
+        pack_vision(model)
+        trim_heap()
+        keep_freed_memory()
+    return model
 
 
 def tile_spec(model_dir: str | Path):

@@ -172,7 +172,7 @@ def test_awq_on_a_vlm_quantizes_the_language_model(tiny_vlm, tmp_path):
     assert abs(report["perplexity_change_percent"]) < 5 and report["image_embedding_rel_error"] < 0.01
     m = nanovl.load(tmp_path / "awq")  # an inference load: AWQ layers go onto the CPU int4 kernel
     assert isinstance(m.vlm.language_model.model.layers[1].mlp.down_proj, Int4PackedLinear)
-    assert type(m.vlm.mlp1[1]) is torch.nn.Linear
+    assert not isinstance(m.vlm.mlp1[1], (AWQLinear, Int4PackedLinear))  # the projector is not quantized
     image, question = Image.new("RGB", (90, 60), "white"), "What is this?"
     answer = m.ask(image, question, max_new_tokens=3)
     assert answer.finish_reason == "length" and answer.text == m.tokenizer.decode(answer.token_ids)

@@ -131,6 +131,8 @@ class GeluMLP(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x):
+        if getattr(self.fc1, "fuses_gelu", False):  # prepacked for CPU (quant/prepack.py): GELU inside the matmul
+            return self.fc2(self.fc1(x, post="gelu"))
         return self.fc2(F.gelu(self.fc1(x)))
 
 

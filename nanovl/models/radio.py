@@ -202,7 +202,7 @@ class RadioModel(nn.Module):
             self.input_conditioner = InputConditioner()
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        dtype = self.model.patch_generator.embedder.weight.dtype
+        dtype = self.model.patch_generator.pos_embed.dtype  # a Parameter even when the Linears are packed
         x = self.input_conditioner(pixels, dtype) if self.cfg.conditioner else pixels.to(dtype)
         x = self.model.patch_generator(x)
         for block in self.model.blocks:

@@ -3,15 +3,19 @@
 - bf16 Linear -> PackedLinear: on these CPUs (AVX-512 BF16 / AMX), `F.linear` in bf16 reads weights at
   about 60% of the memory bandwidth when decoding one token at a time; the same weights reordered once
   into oneDNN's blocked layout are read at about 80% (numbers in BENCHMARKS.md). Results are
-  bit-identical. This is the packing that inductor's CPU freezing pass applies, done here once at load
-  time without compiling anything. A tied lm_head gets its own packed copy, since the embedding lookup
+  bit-identical without a bias. With one, oneDNN adds it to the fp32 accumulator instead of writing it
+  out first and accumulating onto it (addmm), and a vision MLP's GELU runs there too: on an AMX Xeon an
+  encoder layer's four matmuls at 4 tiles took 76 ms against 89 ms through addmm and F.gelu. This is
+  the packing that inductor's CPU freezing pass applies, done here once at load time without compiling
+  anything. A tied lm_head gets its own packed copy, since the embedding lookup
   still needs the plain matrix.
 - AWQLinear -> Int4PackedLinear: AutoAWQ's words repacked for PyTorch's CPU int4 kernel, still 4 bits
   a weight; layers the kernel cannot take keep the dequantizing path, with a warning.
 - The model files never see it: `pack_linears(model)` and `repack_int4(model, dtype)` replace modules
   in place. Packed models are for inference only (no autograd, no state_dict round trip).
 - Memory: the checkpoint's pages under a packed weight are handed back (`release_pages`), and the C
-  heap is trimmed after the swaps (`trim_heap`), so resident memory holds each matrix once.
+  heap is trimmed after the swaps (`trim_heap`), so resident memory holds each matrix once. After the
+  load, freed activations are kept for the next forward instead of being unmapped (`keep_freed_memory`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import mmap
+import os
 import warnings
 
 import torch
@@ -50,6 +55,32 @@ def trim_heap() -> None:
         libc.malloc_trim(0)
 
 
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc mallopt parameters (malloc.h)
+KEEP_AT_TOP = 1 << 30  # free memory glibc may keep at the top of its heap before handing it back
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Let glibc reuse freed memory for the next large tensor instead of returning it to the system.
+
+    By default every allocation over 32 MB (an encoder MLP activation of a few tiles, a prefill chunk's
+    logits) is a fresh mmap, freed with munmap, and its pages are faulted in and zeroed again by the next
+    op: on a 2-vCPU Xeon that was about a quarter of the vision encoder's time in system calls
+    (BENCHMARKS.md). After this call large blocks come from the heap and freed ones stay there for the
+    next forward, up to KEEP_AT_TOP bytes at the top; memory use peaks where it did, but what the
+    process holds no longer falls back between forwards (`trim_heap` still gives it back on demand).
+    Process-wide and once; skipped outside glibc, where the user set glibc's own MALLOC_MMAP_MAX_,
+    MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_,
+    or with NANOVL_KEEP_HEAP=0. Returns whether it applied."""
+    own = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+    if os.environ.get("NANOVL_KEEP_HEAP") == "0" or any(k in os.environ for k in own):
+        return False
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
+        return False
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, KEEP_AT_TOP))
+
+
 @functools.cache
 def _libc():
     try:
@@ -78,8 +109,11 @@ class PackedLinear(nn.Module):
         release_pages(w)
         self.bias = None if linear.bias is None else linear.bias.detach()
 
-    def forward(self, x):
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+    fuses_gelu = True  # GeluMLP hands its GELU to the kernel: post="gelu"
+
+    def forward(self, x, post: str = "none"):
+        # the bias, and with post="gelu" the exact (erf) GELU, applied by oneDNN to the fp32 accumulator
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, post, [], "none" if post == "gelu" else "")
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
