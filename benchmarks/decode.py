@@ -8,7 +8,9 @@ Prints one row per (engine, batch) and the ratios. Decode rate excludes the pref
 (new tokens - 1) / (time of the whole generation - time to the first token). Then prefill: one
 prompt of --prefill-tokens tokens (3,400 is about a 13-tile page of the 8B plus its question), its
 FLOPs counted by torch's FlopCounterMode, as GFLOP/s against the bf16 matmul peak measured in the same
-run (benchmarks/vision.py's). The CPU flags come first.
+run (benchmarks/vision.py's). The CPU flags come first. nanovl's load sets glibc to keep freed memory
+for reuse (quant/prepack.py, process-wide), and it loads first, so transformers' rows run with that
+setting too; NANOVL_KEEP_HEAP=0 runs both without it.
 """
 
 from __future__ import annotations
