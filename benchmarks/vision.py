@@ -112,9 +112,26 @@ def matmul_peak(dtype: torch.dtype, n: int = 4096, repeats: int = 3) -> float:
     return 2 * n**3 / best / 1e9
 
 
+def count_cpu_attention() -> None:
+    """FlopCounterMode counts nothing for the CPU flash-attention kernel (torch 2.13: no formula for
+    aten._scaled_dot_product_flash_attention_for_cpu). Count it as torch counts the CUDA one
+    (4*B*H*T*S*D), halved when causal: the kernel skips the fully masked blocks."""
+    from torch.utils import flop_counter
+
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if op in flop_counter.flop_registry:
+        return
+
+    @flop_counter.register_flop_formula(op)
+    def _(query, key, value, dropout_p=0.0, is_causal=False, *args, out_shape=None, **kwargs):
+        n = flop_counter.sdpa_flop_count(query, key, value)
+        return n // 2 if is_causal else n
+
+
 def forward_flops(fn) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
+    count_cpu_attention()
     counter = FlopCounterMode(display=False)
     with counter, torch.inference_mode():
         fn()
