@@ -8,10 +8,10 @@ Prints one row per (engine, batch) and the ratios. Decode rate excludes the pref
 (new tokens - 1) / (time of the whole generation - time to the first token). Then prefill: one
 prompt of --prefill-tokens tokens (3,400 is about a 13-tile page of the 8B plus its question), timed
 on each engine's second call, its FLOPs counted by torch's FlopCounterMode (causal attention as half
-its square: benchmarks/vision.py's count_cpu_attention), as GFLOP/s against the bf16 matmul peak measured in the same
-run (benchmarks/vision.py's). The CPU flags come first. nanovl's load sets glibc to keep freed memory
-for reuse (quant/prepack.py, process-wide), and it loads first, so transformers' rows run with that
-setting too; NANOVL_KEEP_HEAP=0 runs both without it.
+its square: benchmarks/vision.py's count_cpu_attention), as GFLOP/s against the bf16 matmul peak
+measured in the same run (benchmarks/vision.py's). The CPU flags come first. nanovl's load sets glibc
+to keep freed memory for reuse (quant/prepack.py, process-wide), and it loads first, so transformers'
+rows run with that setting too; NANOVL_KEEP_HEAP=0 runs both without it.
 """
 
 from __future__ import annotations
@@ -158,6 +158,7 @@ def prefill(ours, ref, n: int, peak: float, forward_flops):
     print(f"\nprefill of {n} tokens, batch 1; bf16 matmul peak here {peak:.0f} GFLOP/s; "
           f"{flops / 1e9:.0f} GFLOP (transformers' forward, counted)")  # fmt: skip
     print(f"{'engine':>12} {'seconds':>8} {'GFLOP/s':>8} {'of peak':>8} {'x transformers':>15}")
+
     def ours_first():
         next(iter(TokenGenerator(ours, ids, SamplingParams(max_new_tokens=1), context_len=n + 8)))
 

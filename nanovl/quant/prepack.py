@@ -7,8 +7,8 @@
   out first and accumulating onto it (addmm), and a vision MLP's GELU runs there too: on an AMX Xeon an
   encoder layer's four matmuls at 4 tiles took 76 ms against 89 ms through addmm and F.gelu. This is
   the packing that inductor's CPU freezing pass applies, done here once at load time without compiling
-  anything. A tied lm_head gets its own packed copy, since the embedding lookup
-  still needs the plain matrix.
+  anything. A tied lm_head gets its own packed copy, since the embedding lookup still needs the plain
+  matrix.
 - AWQLinear -> Int4PackedLinear: AutoAWQ's words repacked for PyTorch's CPU int4 kernel, still 4 bits
   a weight; layers the kernel cannot take keep the dequantizing path, with a warning.
 - The model files never see it: `pack_linears(model)` and `repack_int4(model, dtype)` replace modules
@@ -63,15 +63,15 @@ KEEP_AT_TOP = 1 << 30  # free memory glibc may keep at the top of its heap befor
 def keep_freed_memory() -> bool:
     """Let glibc reuse freed memory for the next large tensor instead of returning it to the system.
 
-    By default every allocation over 32 MB (an encoder MLP activation of a few tiles, a prefill chunk's
-    logits) is a fresh mmap, freed with munmap, and its pages are faulted in and zeroed again by the next
-    op: on a 2-vCPU Xeon that was about a quarter of the vision encoder's time in system calls
-    (BENCHMARKS.md). After this call large blocks come from the heap and freed ones stay there for the
-    next forward, up to KEEP_AT_TOP bytes at the top; memory use peaks where it did, but what the
-    process holds no longer falls back between forwards (`trim_heap` still gives it back on demand).
-    Process-wide and once; skipped outside glibc, where the user set glibc's own MALLOC_MMAP_MAX_,
-    MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_,
-    or with NANOVL_KEEP_HEAP=0. Returns whether it applied."""
+    By default every allocation over 32 MB (a vision MLP activation of a few tiles, a prefill's MLP
+    activations) is a fresh mmap, freed with munmap, and its pages are faulted in and zeroed again by
+    the next op: on a 2-vCPU AMX Xeon the C-RADIO-H encoder took 1.50 s a tile that way and 1.08 s
+    with this setting (BENCHMARKS.md). After this call large blocks come from the heap and freed ones
+    stay there for the next forward, up to KEEP_AT_TOP bytes at its top: memory use peaks where it
+    did, but no longer falls back between forwards (`trim_heap` still hands it back on demand).
+    Process-wide and once. Skipped outside glibc, where the user set glibc's own MALLOC_MMAP_MAX_,
+    MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_, and with NANOVL_KEEP_HEAP=0. Returns whether
+    it applied."""
     own = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
     if os.environ.get("NANOVL_KEEP_HEAP") == "0" or any(k in os.environ for k in own):
         return False
