@@ -142,8 +142,8 @@ def fast_cpu_modules(model, dtype: torch.dtype, auto: bool = False) -> None:
 def pack_vision(model) -> None:
     """An encoder or projector with bf16 Linear layers on a CPU with oneDNN bf16 kernels: prepacked,
     its biases and its MLPs' GELU computed inside the matmul (quant/prepack.py)."""
-    params = list(model.parameters())
-    if params and packing_supported(params[0].dtype, params[0].device):
+    p = next(model.parameters(), None)
+    if p is not None and packing_supported(p.dtype, p.device):
         pack_linears(model)
 
 
